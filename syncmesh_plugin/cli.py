@@ -1,0 +1,148 @@
+"""Command line: `syncmesh-plugin serve | config show | status | volumes`.
+
+Admin commands talk to a node's HTTP API: by default the one described by the same config file and
+`SYNCMESH_*` environment the daemon uses, or the one given with --api.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from .config import Config, ConfigError, as_dict, load_config
+
+
+def _load(config: str | None) -> Config:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        click.echo(f"syncmesh-plugin: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _api_base(cfg: Config, api: str | None) -> str:
+    if api:
+        return api.rstrip("/")
+    host = cfg.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    scheme = "https" if cfg.security.tls_enabled else "http"
+    return f"{scheme}://{host}:{cfg.server.port}"
+
+
+def _get(cfg: Config, api: str | None, path: str) -> tuple[int, Any]:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(_api_base(cfg, api) + path)
+    if cfg.security.auth_enabled and cfg.security.auth_tokens:
+        req.add_header("Authorization", f"Bearer {cfg.security.auth_tokens[0]}")
+    ctx = None
+    if cfg.security.tls_enabled:
+        ctx = ssl.create_default_context(cafile=cfg.security.tls_ca_file or None)
+        ctx.load_cert_chain(cfg.security.tls_cert_file, cfg.security.tls_key_file)
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, {"error": body.decode(errors="replace")}
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"syncmesh-plugin: cannot reach the node API at {_api_base(cfg, api)}: {exc}", err=True)
+        sys.exit(3)
+
+
+@click.group()
+@click.version_option(package_name="syncmesh-plugin")
+def main() -> None:
+    """syncmesh: Docker volumes kept identical across hosts in real time."""
+
+
+@main.command()
+@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path(), help="YAML config file")
+def serve(config: str | None) -> None:
+    """Run the plugin daemon (Docker socket + peer/API server)."""
+    cfg = _load(config)
+    from .daemon import run_daemon
+    from .logs import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format)
+    sys.exit(asyncio.run(run_daemon(cfg)))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path(), help="YAML config file")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML")
+def config_show(config: str | None, as_json: bool) -> None:
+    """Print the effective configuration (file + environment), secrets masked."""
+    data = as_dict(_load(config))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@main.command()
+@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path())
+@click.option("--api", help="node API base URL, e.g. http://10.0.0.5:7946")
+@click.option("--json", "as_json", is_flag=True)
+def status(config: str | None, api: str | None, as_json: bool) -> None:
+    """Node, etcd and volume status. Exit 1 when the node reports a problem."""
+    cfg = _load(config)
+    code, health = _get(cfg, api, "/api/v1/health")
+    _, info = _get(cfg, api, "/api/v1/info")
+    _, vols = _get(cfg, api, "/api/v1/volumes")
+    if as_json:
+        click.echo(json.dumps({"health": health, "info": info, "volumes": vols}, indent=2))
+    else:
+        click.echo(f"node      {info.get('node_id')}  ({info.get('advertise')})  version {info.get('version')}")
+        for name, comp in health.get("components", {}).items():
+            state = "ok" if comp.get("ok") else "FAILING"
+            detail = comp.get("error") or ""
+            click.echo(f"{name:<14}{state}  {detail}".rstrip())
+        for v in (vols or {}).get("volumes", []):
+            s = v.get("sync", {})
+            click.echo(f"volume    {v['name']}: {'in sync' if s.get('ready') else 'syncing'}, "
+                       f"{s.get('files', 0)} files, {s.get('pending', 0)} pending")
+    sys.exit(0 if code == 200 else 1)
+
+
+@main.command()
+@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path())
+@click.option("--api", help="node API base URL")
+@click.option("--json", "as_json", is_flag=True)
+def volumes(config: str | None, api: str | None, as_json: bool) -> None:
+    """Table of volumes known to the cluster and their state on this node."""
+    cfg = _load(config)
+    code, data = _get(cfg, api, "/api/v1/volumes")
+    if code != 200:
+        click.echo(f"syncmesh-plugin: {data.get('error', data)}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("NAME", "HELD", "STATE", "FILES", "BYTES", "PENDING", "MOUNTS", "CONFLICT MODE")]
+    for v in data["volumes"]:
+        s = v.get("sync", {})
+        opts = v.get("options", {})
+        rows.append((v["name"], "yes" if s.get("held") else "no",
+                     ("in sync" if s.get("ready") else "syncing") if s.get("held") else "-",
+                     str(s.get("files", "-")), str(s.get("bytes", "-")), str(s.get("pending", "-")),
+                     str(v.get("mounts_here", 0)), opts.get("conflict_resolution", "(node default)")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -1,0 +1,345 @@
+"""Configuration: one YAML file plus `SYNCMESH_*` environment variables, validated once at start.
+
+Every key has an environment form: `SYNCMESH_` + the upper-cased key path joined with `_`
+(`etcd.endpoints` -> `SYNCMESH_ETCD_ENDPOINTS`). The environment wins over the file. Any error is
+one line naming the key and what was expected, so a bad config never gets as far as starting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+ENV_PREFIX = "SYNCMESH_"
+CONFLICT_MODES = ("timestamp", "size", "manual")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator (one line, names the key)."""
+
+
+class Duration(float):
+    """Seconds, written in the config as `30s`, `500ms`, `2m`, `1h` or a plain number of seconds."""
+
+
+class Secret(str):
+    """A string that is masked wherever the config is shown."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    socket: str = "/run/docker/plugins/syncmesh.sock"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 7946
+    advertise: str = ""
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: list[str] = field(default_factory=list)
+    prefix: str = "/syncmesh/v1"
+    username: str = ""
+    password: Secret = Secret("")
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
+    timeout: Duration = Duration(5.0)
+    lease_ttl: int = 10
+    embedded_client_port: int = 0
+    embedded_peer_port: int = 0
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    interval: Duration = Duration(30.0)
+    conflict_resolution: str = "timestamp"
+    compression_enabled: bool = True
+    keep_conflict_copies: bool = True
+    mount_timeout: Duration = Duration(60.0)
+    debounce: Duration = Duration(0.005)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    tls_enabled: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    auth_enabled: bool = False
+    auth_tokens: list[Secret] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str = ""
+    log_level: str = "info"
+    log_format: str = "json"
+    data_root: str = "/var/lib/syncmesh"
+    plugin: PluginConfig = field(default_factory=PluginConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+    @property
+    def embedded_etcd(self) -> bool:
+        return not self.etcd.endpoints
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.data_root, "state")
+
+    @property
+    def volumes_dir(self) -> str:
+        return os.path.join(self.data_root, "volumes")
+
+    def advertise_url(self) -> str:
+        """The base URL peers use to reach this node's HTTP server."""
+        scheme = "https" if self.security.tls_enabled else "http"
+        addr = self.server.advertise
+        if not addr:
+            host = self.server.host
+            if host in ("0.0.0.0", "::", ""):
+                host = _primary_address()
+            addr = f"{host}:{self.server.port}"
+        if "://" in addr:
+            return addr.rstrip("/")
+        return f"{scheme}://{addr}"
+
+
+def _primary_address() -> str:
+    """The address other hosts most likely reach us on (no packet is sent: UDP connect only routes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def key_paths(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every leaf key path (`etcd.endpoints`) with its type."""
+    out: dict[str, Any] = {}
+    for name, tp in _field_types(cls).items():
+        path = f"{prefix}{name}"
+        if _is_section(tp):
+            out.update(key_paths(tp, path + "."))
+        else:
+            out[path] = tp
+    return out
+
+
+def env_name(path: str) -> str:
+    return ENV_PREFIX + path.replace(".", "_").upper()
+
+
+def _type_label(tp: Any) -> str:
+    if tp is bool:
+        return "a boolean (true/false)"
+    if tp is int:
+        return "an integer"
+    if tp is Duration:
+        return "a duration such as 30s, 500ms, 2m"
+    if tp in (list[str], list[Secret]):
+        return "a list of strings (comma-separated in the environment)"
+    return "a string"
+
+
+def _coerce(path: str, tp: Any, value: Any, from_env: bool) -> Any:
+    """Turn a YAML or environment value into the declared type, or raise a one-line ConfigError."""
+    label = _type_label(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+    elif tp is Duration:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return Duration(float(value))
+        if isinstance(value, str):
+            m = _DURATION_RE.match(value)
+            if m:
+                return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    elif tp in (list[str], list[Secret]):
+        item = Secret if tp == list[Secret] else str
+        if isinstance(value, str):
+            return [item(v.strip()) for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [item(str(v)) for v in value]
+    elif tp in (str, Secret):
+        if isinstance(value, str):
+            return tp(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not from_env:
+            return tp(str(value))
+    else:  # pragma: no cover - schema error, caught by tests
+        raise ConfigError(f"{path}: unsupported type {tp!r}")
+    where = env_name(path) if from_env else path
+    raise ConfigError(f"{where}: expected {label}, got {value!r}")
+
+
+def _flatten(data: Mapping[str, Any], prefix: str, known: dict[str, Any], out: dict[str, Any]) -> None:
+    sections = {p.split(".")[0] for p in known if "." in p}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{key!r}: keys must be strings")
+        path = f"{prefix}{key}"
+        if path in known:
+            out[path] = value
+        elif (prefix == "" and key in sections) or any(p.startswith(path + ".") for p in known):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a mapping of settings, got {value!r}")
+            _flatten(value, path + ".", known, out)
+        else:
+            valid = sorted(p for p in known if p.startswith(prefix)) if prefix else sorted(known)
+            raise ConfigError(f"{path}: unknown key (valid keys: {', '.join(valid)})")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    kwargs: dict[str, Any] = {}
+    for name, tp in _field_types(cls).items():
+        path = f"{prefix}{name}"
+        if _is_section(tp):
+            kwargs[name] = _build(tp, values, path + ".")
+        elif path in values:
+            kwargs[name] = values[path]
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    def bad(key: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+    if cfg.log_level not in LOG_LEVELS:
+        raise bad("log_level", "one of " + ", ".join(LOG_LEVELS), cfg.log_level)
+    if cfg.log_format not in LOG_FORMATS:
+        raise bad("log_format", "one of " + ", ".join(LOG_FORMATS), cfg.log_format)
+    if cfg.sync.conflict_resolution not in CONFLICT_MODES:
+        raise bad("sync.conflict_resolution", "one of " + ", ".join(CONFLICT_MODES), cfg.sync.conflict_resolution)
+    if not 0 <= cfg.server.port <= 65535:
+        raise bad("server.port", "a port number 0-65535", cfg.server.port)
+    if not cfg.data_root or not os.path.isabs(cfg.data_root):
+        raise bad("data_root", "an absolute path", cfg.data_root)
+    if not os.path.isabs(cfg.plugin.socket):
+        raise bad("plugin.socket", "an absolute path", cfg.plugin.socket)
+    if not cfg.etcd.prefix.startswith("/") or cfg.etcd.prefix.endswith("/"):
+        raise bad("etcd.prefix", "a path like /syncmesh/v1 (leading slash, no trailing slash)", cfg.etcd.prefix)
+    for ep in cfg.etcd.endpoints:
+        if not re.fullmatch(r"(https?://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}", ep):
+            raise bad("etcd.endpoints", "URLs like http://10.0.0.5:2379", ep)
+    if cfg.etcd.lease_ttl < 2:
+        raise bad("etcd.lease_ttl", "an integer >= 2 (seconds)", cfg.etcd.lease_ttl)
+    if cfg.sync.interval < 1:
+        raise bad("sync.interval", "a duration of at least 1s", f"{cfg.sync.interval}s")
+    if cfg.node_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", cfg.node_id):
+        raise bad("node_id", "letters, digits, '_', '.', '-' (at most 63, starting with a letter or digit)",
+                  cfg.node_id)
+    if cfg.security.tls_enabled and not (cfg.security.tls_cert_file and cfg.security.tls_key_file):
+        raise ConfigError("security.tls_enabled: needs security.tls_cert_file and security.tls_key_file")
+    if cfg.security.auth_enabled and not cfg.security.auth_tokens:
+        raise ConfigError("security.auth_enabled: needs at least one token in security.auth_tokens")
+    for key in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+        for section, sec in (("security", cfg.security), ("etcd", cfg.etcd)):
+            path = getattr(sec, key, "")
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{section}.{key}: file not found: {path}")
+    if not cfg.node_id:
+        host = socket.gethostname().split(".")[0] or "node"
+        cfg = dataclasses.replace(cfg, node_id=re.sub(r"[^A-Za-z0-9_.-]", "-", host)[:63])
+    return cfg
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (optional) and the environment; raise ConfigError on any problem."""
+    environ = os.environ if environ is None else environ
+    known = key_paths()
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, yaml.YAMLError) as exc:
+            msg = str(exc).replace("\n", " ")
+            raise ConfigError(f"config file {path}: cannot read it as YAML: {msg}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+        flat: dict[str, Any] = {}
+        _flatten(raw, "", known, flat)
+        for p, v in flat.items():
+            values[p] = _coerce(p, known[p], v, from_env=False)
+    env_keys = {env_name(p): p for p in known}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "SYNCMESH_CONFIG":
+            continue
+        if name not in env_keys:
+            raise ConfigError(f"{name}: unknown setting (valid: {', '.join(sorted(env_keys))})")
+        p = env_keys[name]
+        values[p] = _coerce(p, known[p], value, from_env=True)
+    return _validate(_build(Config, values))
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return "********" if value else ""
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
+
+
+def as_dict(cfg: Config, masked: bool = True) -> dict[str, Any]:
+    """The effective config as nested plain data; secrets masked unless asked otherwise."""
+
+    def conv(obj: Any) -> Any:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                out[f.name] = conv(v)
+            else:
+                v = _mask(v) if masked else v
+                out[f.name] = float(v) if isinstance(v, Duration) else (list(v) if isinstance(v, list) else v)
+        return out
+
+    return conv(cfg)

@@ -1,0 +1,329 @@
+"""The daemon: wires config, local state, etcd, the engine, the Docker socket and the HTTP server.
+
+Start-up order matters: dockerd gives a plugin about 10 s to listen, so the plugin socket is bound
+first (within a second), local state is opened next (Get/List answer from it at once), and etcd is
+connected in the background; calls that need the cluster return a clear Err until it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import stat
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import api, chunker, driver, metrics
+from .config import Config
+from .engine import Engine, EngineContext
+from .etcd_embedded import EmbeddedEtcd
+from .membership import Membership, NodeIdConflict, load_identity
+from .meta import EtcdStore, EtcdUnavailable
+from .state import LocalState
+from .transfer import PeerClient, TransferMetrics
+from .volumes import VolumeManager
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFLICT = 2
+
+
+class _ChunkSource:
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    async def read_chunk(self, volume: str, chunk_id: str) -> bytes | None:
+        data = await self.d.engine.read_chunk(volume, chunk_id)
+        if data is not None:
+            metrics.bytes_sent.inc(len(data))
+        return data
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.advertise = cfg.advertise_url()
+        self.state: LocalState = None  # type: ignore[assignment]
+        self.store: EtcdStore | None = None
+        self.membership: Membership | None = None
+        self.embedded: EmbeddedEtcd | None = None
+        self.etcd_endpoints: list[str] = list(cfg.etcd.endpoints)
+        self.etcd_ready = asyncio.Event()
+        self.etcd_ok = False
+        self.etcd_error = "not connected yet"
+        self.engine: Engine = None  # type: ignore[assignment]
+        self.manager: VolumeManager | None = None
+        self.chunk_source = _ChunkSource(self)
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.peer_client: PeerClient | None = None
+        self.transfer_metrics = TransferMetrics()
+        self._nodes_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self._holders_cache: dict[str, tuple[float, list[str]]] = {}
+        self.plugin_listening = False
+
+    # ---- start-up
+    async def _bind_plugin_socket(self) -> None:
+        path = self.cfg.plugin.socket
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket left by a killed daemon
+        runner = web.AppRunner(driver.make_app(lambda: self.manager), handle_signals=False, access_log=None)
+        await runner.setup()
+        old = os.umask(0o177)  # the socket is root-only (mode 0600) from the first moment
+        try:
+            await web.UnixSite(runner, path).start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._runners.append(runner)
+        self.plugin_listening = True
+        log.info("plugin socket listening on %s", path)
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        sec = self.cfg.security
+        if not sec.tls_enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
+        if sec.tls_ca_file:
+            ctx.load_verify_locations(sec.tls_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def _client_ssl(self) -> ssl.SSLContext | bool:
+        sec = self.cfg.security
+        if not sec.tls_enabled:
+            return True
+        ctx = ssl.create_default_context(cafile=sec.tls_ca_file or None)
+        ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
+        return ctx
+
+    async def _start_http(self) -> None:
+        runner = web.AppRunner(api.make_app(self), handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.server.host, self.cfg.server.port, ssl_context=self._server_ssl(),
+                           reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        log.info("HTTP server on %s:%d (advertised as %s)", self.cfg.server.host, self.cfg.server.port,
+                 self.advertise)
+
+    async def start(self) -> None:
+        await self._bind_plugin_socket()
+        self.state = LocalState(self.cfg.state_dir)
+        os.makedirs(self.cfg.volumes_dir, mode=0o755, exist_ok=True)
+        headers = {}
+        if self.cfg.security.auth_enabled and self.cfg.security.auth_tokens:
+            headers["Authorization"] = f"Bearer {self.cfg.security.auth_tokens[0]}"
+        self._session = aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(limit=64, ssl=self._client_ssl()))
+        self.peer_client = PeerClient(self._session, decode_frame=chunker.decode_frame, verify=chunker.verify,
+                                      metrics=self.transfer_metrics, max_chunk=chunker.CHUNK_MAX)
+        ctx = EngineContext(
+            node_id=self.cfg.node_id, data_root=self.cfg.data_root, state=self.state,
+            conflict_default=self.cfg.sync.conflict_resolution,
+            keep_copies_default=self.cfg.sync.keep_conflict_copies, interval=float(self.cfg.sync.interval),
+            debounce=float(self.cfg.sync.debounce), get_store=lambda: self.store, etcd_ready=self.etcd_ready,
+            fetch=self._fetch, peers=self._peers)
+        self.engine = Engine(ctx)
+        self.manager = VolumeManager(
+            node_id=self.cfg.node_id, data_root=self.cfg.data_root, state=self.state, engine=self.engine,
+            get_store=lambda: self.store if self.etcd_ready.is_set() else None,
+            get_membership=lambda: self.membership, mount_timeout=float(self.cfg.sync.mount_timeout))
+        await self._start_http()
+        # Volumes held before a restart keep syncing locally at once; etcd catches up when it answers.
+        await self.manager.resume_held()
+        self._tasks.append(asyncio.create_task(self._connect_loop(), name="etcd-connect"))
+
+    async def _connect_loop(self) -> None:
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                await self._connect()
+                break
+            except NodeIdConflict as exc:
+                log.error("%s", exc)
+                self.exit_code = EXIT_CONFLICT
+                self.stop_event.set()
+                return
+            except (EtcdUnavailable, RuntimeError, OSError) as exc:
+                self.etcd_error = str(exc)
+                log.warning("etcd not reachable yet: %s (retrying in %.1fs)", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self._tasks.append(asyncio.create_task(self._monitor_etcd(), name="etcd-monitor"))
+        self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
+
+    async def _connect(self) -> None:
+        if self.cfg.embedded_etcd and self.embedded is None:
+            emb = EmbeddedEtcd(self.cfg.data_root, self.cfg.node_id, self.cfg.etcd.embedded_client_port,
+                               self.cfg.etcd.embedded_peer_port)
+            await emb.start()
+            self.embedded = emb
+            self.etcd_endpoints = [emb.endpoint]
+            log.info("embedded etcd started on %s (data in %s)", emb.endpoint, emb.data_dir)
+        store = EtcdStore(self.cfg.etcd, self.etcd_endpoints)
+        store.request_hook = metrics.etcd_hook
+        await store.connect()
+        membership = Membership(store, self.cfg.node_id, load_identity(self.cfg.state_dir), self.advertise,
+                                self.cfg.etcd.lease_ttl)
+        try:
+            await membership.register()
+        except BaseException:
+            await membership.close()
+            await store.close()
+            raise
+        self.store, self.membership = store, membership
+        assert self.manager is not None
+        membership.on_lease_lost = lambda: asyncio.ensure_future(self.manager.republish_mounts())  # type: ignore
+        self.etcd_ok, self.etcd_error = True, ""
+        metrics.etcd_up.set(1)
+        self.etcd_ready.set()
+        await self.manager.sync_registry()
+        await self.manager.resume_held()
+        await self.manager.republish_mounts()
+        log.info("connected to etcd %s as node %s", ", ".join(self.etcd_endpoints), self.cfg.node_id)
+
+    async def _monitor_etcd(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            assert self.store is not None
+            try:
+                await self.store.ping()
+                if not self.etcd_ok:
+                    log.info("etcd reachable again")
+                self.etcd_ok, self.etcd_error = True, ""
+                self.etcd_ready.set()
+            except EtcdUnavailable as exc:
+                if self.etcd_ok:
+                    log.warning("etcd unreachable: %s", exc)
+                self.etcd_ok, self.etcd_error = False, str(exc)
+            metrics.etcd_up.set(1 if self.etcd_ok else 0)
+
+    async def _registry_loop(self) -> None:
+        assert self.manager is not None
+        while True:
+            try:
+                await self.manager.watch_registry()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("volume registry watch interrupted: %s; resuming", exc)
+                await asyncio.sleep(1.0)
+
+    # ---- peers
+    async def _nodes(self) -> dict[str, dict[str, Any]]:
+        at, nodes = self._nodes_cache
+        if time.monotonic() - at > 2.0 and self.membership is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                nodes = await self.membership.nodes()
+                self._nodes_cache = (time.monotonic(), nodes)
+                metrics.nodes_in_cluster.set(len(nodes))
+        return nodes
+
+    async def _peers(self, volume: str, origin: str) -> list[str]:
+        """Peer base URLs for a volume's chunks: the origin first, then every other holder."""
+        nodes = await self._nodes()
+        at, holders = self._holders_cache.get(volume, (0.0, []))
+        if time.monotonic() - at > 2.0 and self.store is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                _, kvs = await self.store.get_all(self.store.key("holders", volume) + b"/")
+                holders = [kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs]
+                self._holders_cache[volume] = (time.monotonic(), holders)
+        order = [origin] + [h for h in holders if h != origin]
+        urls = []
+        for n in order:
+            if n == self.cfg.node_id or n not in nodes:
+                continue
+            url = nodes[n].get("advertise")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                urls.append(url)
+        return urls
+
+    async def _fetch(self, volume: str, ids: list[str], peers: list[str]) -> dict[str, bytes]:
+        assert self.peer_client is not None
+        before = self.transfer_metrics.bytes_received
+        got = await self.peer_client.fetch(volume, ids, peers, compress=self.cfg.sync.compression_enabled)
+        metrics.bytes_received.inc(self.transfer_metrics.bytes_received - before)
+        return got
+
+    # ---- health
+    def health(self) -> dict[str, dict[str, Any]]:
+        comps: dict[str, dict[str, Any]] = {
+            "plugin_socket": {"ok": self.plugin_listening and os.path.exists(self.cfg.plugin.socket),
+                              "path": self.cfg.plugin.socket},
+            "etcd": {"ok": self.etcd_ok, "endpoints": self.etcd_endpoints, "error": self.etcd_error},
+        }
+        degraded = {n: vs.watcher.degraded_reason for n, vs in (self.engine.volumes.items() if self.engine else [])
+                    if vs.watcher is not None and vs.watcher.degraded}
+        comps["watchers"] = {"ok": True, "degraded": degraded}  # degraded watchers fall back to rescans
+        return comps
+
+    def refresh_gauges(self) -> None:
+        if self.engine is not None:
+            metrics.watches.set(sum(vs.watcher.watch_count for vs in self.engine.volumes.values()
+                                    if vs.watcher is not None))
+        if self.peer_client is not None:
+            for peer, _ in self._nodes_cache[1].items():
+                url = self._nodes_cache[1][peer].get("advertise", "")
+                if url:
+                    metrics.peer_breaker_open.labels(peer).set(
+                        1 if self.peer_client.breaker_state(url) == "open" else 0)
+
+    # ---- shutdown
+    async def stop(self) -> None:
+        t0 = time.monotonic()
+        if self._runners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._runners[0].cleanup(), 2.0)  # plugin socket: stop accepting
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engine.close(), 2.0)
+        for r in self._runners[1:]:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(r.cleanup(), 1.0)
+        if self.membership is not None:
+            await self.membership.close()
+        if self.store is not None:
+            await self.store.close()
+        if self._session is not None:
+            await self._session.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        if self.state is not None:
+            self.state.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.plugin.socket)
+        log.info("stopped in %.2fs", time.monotonic() - t0)
+
+
+async def run_daemon(cfg: Config) -> int:
+    d = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop_event.set)
+    try:
+        await d.start()
+        await d.stop_event.wait()
+    finally:
+        await d.stop()
+    return d.exit_code
+

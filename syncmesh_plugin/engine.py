@@ -1,0 +1,853 @@
+"""The sync engine: publish local changes, apply remote ones, resolve conflicts, for each held volume.
+
+One `VolumeSync` per volume this node holds. Data flows one way through it:
+  watcher/scanner -> dirty paths -> describe (hash) -> CAS publish in etcd -> index
+  etcd watch -> validate -> local chunks + peer fetch -> stage temp files -> syncfs -> rename -> index
+Publishing and applying of one volume are serialised by a lock, which keeps the conflict logic
+simple: a remote change is applied only after checking that the local path has no unpublished edit.
+etcd orders everything; a failed compare-and-swap is the only way a conflict is detected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import chunker, localfs, metrics
+from .ignore import IgnoreMatcher
+from .localfs import FileStat
+from .manifest import Manifest, ManifestError, decode
+from .meta import MAX_TXN_OPS, CompactedError, EtcdStore, EtcdUnavailable
+from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
+from .state import FileRecord, LocalState
+from .volopts import VolumeOptions
+from .watcher import Changes, VolumeWatcher
+
+log = logging.getLogger(__name__)
+
+STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by group, never whole in memory
+WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying
+APPLY_PAGE = 512
+
+
+class FetchError(RuntimeError):
+    """Some chunks could not be had from any peer: the change stays pending and is retried."""
+
+
+@dataclass
+class EngineContext:
+    """What the engine needs from the daemon, and nothing else (no HTTP routes, no Docker)."""
+
+    node_id: str
+    data_root: str
+    state: LocalState
+    conflict_default: str
+    keep_copies_default: bool
+    interval: float
+    debounce: float
+    get_store: Callable[[], EtcdStore | None]
+    etcd_ready: asyncio.Event
+    fetch: Callable[[str, list[str], list[str]], Awaitable[dict[str, bytes]]]
+    peers: Callable[[str, str], Awaitable[list[str]]]
+    emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+
+
+def _differs(rec: FileRecord, fs: FileStat) -> bool:
+    """Has the path changed on disk since the index last agreed with etcd?"""
+    if rec.kind != fs.kind:
+        return True
+    if fs.kind == "dir":
+        return (rec.mode, rec.uid, rec.gid) != (fs.mode, fs.uid, fs.gid)
+    return (rec.size, rec.mtime_ns, rec.inode, rec.mode, rec.uid, rec.gid) != (
+        fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid)
+
+
+def _record(volume: str, rel: str, m: Manifest, fs: FileStat | None, rev: int) -> FileRecord:
+    return FileRecord(
+        volume=volume, path=rel, kind=m.kind, size=m.size, mtime_ns=fs.mtime_ns if fs else m.mtime_ns,
+        ctime_ns=fs.ctime_ns if fs else 0, inode=fs.inode if fs else 0, mode=m.mode, uid=m.uid, gid=m.gid,
+        digest=m.digest, chunks=m.chunks, target=m.target, rev=rev, origin=m.origin)
+
+
+def _depth(rel: str) -> int:
+    return rel.count("/")
+
+
+@dataclass
+class _Pending:
+    """A remote change waiting to be applied."""
+
+    rel: str
+    m: Manifest
+    rev: int
+    rec: FileRecord | None = None
+    fs: FileStat | None = None
+
+
+@dataclass
+class VolumeStatus:
+    ready: bool = False
+    revision: int = 0
+    last_error: str = ""
+    published: int = 0
+    applied: int = 0
+    conflicts: int = 0
+    last_applied_at: float = 0.0
+    lag_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VolumeSync:
+    """Keeps one volume's local replica and etcd in agreement."""
+
+    def __init__(self, ctx: EngineContext, name: str, options: VolumeOptions) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.options = options
+        self.base = os.path.join(ctx.data_root, "volumes", name)
+        self.root = os.path.join(self.base, "_data")
+        self.matcher = IgnoreMatcher(options.ignore)
+        self.mode = options.conflict_resolution or ctx.conflict_default
+        self.keep_copies = options.keep_conflict_copies and ctx.keep_copies_default
+        self.state = ctx.state
+        self.lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+        self.dirty: set[str] = set()
+        self.moves: list[tuple[str, str]] = []
+        self.rescan_needed = asyncio.Event()
+        self.kick = asyncio.Event()
+        self.watcher: VolumeWatcher | None = None
+        self.status = VolumeStatus()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        self.state.hold(self.name)
+        self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
+                                     debounce=self.ctx.debounce)
+        self.watcher.start()
+        if self.watcher.degraded:
+            log.warning("volume %s: %s; falling back to rescans every %ss", self.name,
+                        self.watcher.degraded_reason, self.ctx.interval)
+        self._tasks = [asyncio.create_task(self._run(), name=f"sync-{self.name}"),
+                       asyncio.create_task(self._publisher(), name=f"publish-{self.name}"),
+                       asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}")]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self.watcher is not None:
+            self.watcher.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+
+    def _ignored_path(self, rel: str, is_dir: bool = False) -> bool:
+        return is_internal_name(rel) or self.matcher.ignored(rel, is_dir)
+
+    def _on_changes(self, ch: Changes) -> None:
+        self.dirty.update(p for p in ch.paths if not self._ignored_path(p))
+        if ch.rescan:
+            metrics.inotify_overflows.inc() if self.watcher and self.watcher.overflows else None
+            self.rescan_needed.set()
+        metrics.pending_items.labels(self.name).set(len(self.dirty))
+        self.kick.set()
+
+    @property
+    def store(self) -> EtcdStore:
+        s = self.ctx.get_store()
+        if s is None:
+            raise EtcdUnavailable("etcd is not connected")
+        return s
+
+    # ---- main loop: catch up, then follow the etcd watch
+    async def _run(self) -> None:
+        backoff = 0.2
+        while not self._stopping:
+            await self.ctx.etcd_ready.wait()
+            try:
+                rev = self.state.revision(self.name)
+                if rev == 0 or not self.state.is_synced(self.name):
+                    rev = await self._reconcile()
+                else:
+                    await self._rescan("restart")
+                target = await self.store.latest_revision(self.store.files_prefix(self.name))
+                if rev >= target:
+                    self._mark_ready()
+                await self._follow(rev, target)
+            except CompactedError as exc:
+                log.warning("volume %s: %s; reconciling from a full read", self.name, exc)
+                self.state.set_synced(self.name, False)
+                continue
+            except EtcdUnavailable as exc:
+                self.status.last_error = str(exc)
+                log.warning("volume %s: %s; retrying", self.name, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep syncing other volumes; report and retry this one
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("volume %s: sync loop failed; retrying", self.name)
+            await asyncio.sleep(backoff + random.random() * backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _mark_ready(self) -> None:
+        if not self.ready.is_set():
+            self.ready.set()
+            self.status.ready = True
+            self.state.set_synced(self.name, True)
+            self.ctx.emit("volume_ready", {"volume": self.name})
+
+    async def _follow(self, rev: int, ready_at: int) -> None:
+        prefix = self.store.files_prefix(self.name)
+        async for batch in self.store.watch(prefix, rev + 1):
+            if batch.events:
+                items = []
+                for ev in batch.events:
+                    if ev.value is None:
+                        continue  # keys are only deleted when the volume is removed
+                    p = self._parse(ev.key, ev.value, ev.mod_revision)
+                    if p is not None:
+                        items.append(p)
+                if items:
+                    async with self.lock:
+                        await self._apply(items)
+            self.state.set_revision(self.name, batch.revision)
+            self.status.revision = batch.revision
+            self.status.last_error = ""
+            if batch.revision >= ready_at:
+                self._mark_ready()
+
+    def _parse(self, key: bytes, value: bytes, rev: int) -> _Pending | None:
+        rel = self.store.path_of(self.name, key)
+        try:
+            validate_relpath(rel)
+            if is_internal_name(rel):
+                raise PathError("internal temp name")
+            m = decode(value)
+        except (PathError, ManifestError) as exc:
+            metrics.rejected_input.labels("etcd").inc()
+            log.warning("volume %s: rejected manifest for %r at revision %d: %s", self.name, rel[:200], rev, exc)
+            return None
+        if self._ignored_path(rel, m.kind == "dir"):
+            return None
+        return _Pending(rel, m, rev)
+
+    async def _reconcile(self) -> int:
+        """Full agreement with etcd from a range read: first attach, or history compacted away."""
+        store = self.store
+        async with self.lock:
+            rev, pages = await store.get_range(store.files_prefix(self.name), page=APPLY_PAGE)
+            remote: set[str] = set()
+            async for page in pages:
+                items = []
+                for kv in page:
+                    p = self._parse(kv.key, kv.value, kv.mod_revision)
+                    if p is not None:
+                        remote.add(p.rel)
+                        items.append(p)
+                await self._apply(items)
+            # Local paths etcd has never seen are published; index entries for them are stale.
+            local = await asyncio.to_thread(lambda: {rel for rel, _ in localfs.walk(self.root, self._ignored_path)})
+            stale = [p for p in self.state.file_paths(self.name) if p not in remote and p not in local]
+            self.state.delete_files(self.name, stale)
+            self.dirty.update(local - remote)
+            self.state.set_revision(self.name, rev)
+        await self._flush()
+        return rev
+
+    # ---- publishing
+    async def _publisher(self) -> None:
+        while True:
+            await self.kick.wait()
+            self.kick.clear()
+            if not self.dirty and not self.rescan_needed.is_set():
+                continue
+            if not self.ctx.etcd_ready.is_set() or self.ctx.get_store() is None:
+                await asyncio.sleep(0.5)  # changes stay queued (the disk is the durable queue)
+                self.kick.set()
+                continue
+            try:
+                if self.rescan_needed.is_set():
+                    self.rescan_needed.clear()
+                    await self._rescan("overflow")
+                else:
+                    await self._flush()
+            except EtcdUnavailable as exc:
+                self.status.last_error = str(exc)
+                log.warning("volume %s: publishing paused: %s", self.name, exc)
+                await asyncio.sleep(1.0)
+                self.kick.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("volume %s: publish failed; will retry", self.name)
+                await asyncio.sleep(1.0)
+                self.kick.set()
+
+    async def _rescanner(self) -> None:
+        """The safety net: a periodic stat walk catches anything inotify missed."""
+        while True:
+            interval = self.ctx.interval
+            if self.watcher is not None and self.watcher.degraded:
+                interval = min(interval, 5.0)
+            await asyncio.sleep(interval * (0.9 + 0.2 * random.random()))
+            if self.ready.is_set() and self.ctx.etcd_ready.is_set():
+                with contextlib.suppress(EtcdUnavailable):
+                    await self._rescan("interval")
+
+    async def _rescan(self, reason: str) -> None:
+        t0 = time.monotonic()
+        metrics.rescans.labels(reason).inc()
+        known = {r.path: r for r in self.state.files(self.name) if r.kind != "deleted"}
+
+        def scan() -> set[str]:
+            changed: set[str] = set()
+            seen: set[str] = set()
+            for rel, fs in localfs.walk(self.root, self._ignored_path):
+                seen.add(rel)
+                rec = known.get(rel)
+                if rec is None or _differs(rec, fs):
+                    changed.add(rel)
+            changed.update(p for p in known if p not in seen)
+            return changed
+
+        self.dirty.update(await asyncio.to_thread(scan))
+        await self._flush()
+        metrics.rescan_seconds.observe(time.monotonic() - t0)
+
+    async def _flush(self) -> None:
+        """Publish every dirty path: hash what changed, CAS in batched transactions."""
+        async with self.lock:
+            if not self.dirty:
+                return
+            paths, self.dirty = self.dirty, set()
+            metrics.pending_items.labels(self.name).set(0)
+            # A vanished directory takes every indexed path below it with it.
+            for p in list(paths):
+                rec = self.state.file(self.name, p)
+                if rec is not None and rec.kind == "dir" and localfs.lstat(self.root, p) is None:
+                    paths.update(r.path for r in self.state.files(self.name, p) if r.kind != "deleted")
+            recs = {p: self.state.file(self.name, p) for p in paths}
+            now = time.time()
+            node = self.ctx.node_id
+
+            def build() -> tuple[list[tuple[str, Manifest, FileStat | None]], set[str]]:
+                out: list[tuple[str, Manifest, FileStat | None]] = []
+                unstable: set[str] = set()
+                stats = {p: localfs.lstat(self.root, p) for p in paths}
+                gone = {p: r for p, r in recs.items() if stats[p] is None and r is not None and r.kind == "file"}
+                by_inode = {(r.inode, r.size, r.mtime_ns): p for p, r in gone.items()}
+                for p in sorted(paths):
+                    fs, rec = stats[p], recs[p]
+                    if fs is None:
+                        if rec is not None and rec.kind != "deleted":
+                            out.append((p, Manifest(kind="deleted", origin=node, ts=now), None))
+                        continue
+                    if rec is not None and not _differs(rec, fs):
+                        continue  # unchanged, or our own write coming back through inotify
+                    src = by_inode.get((fs.inode, fs.size, fs.mtime_ns)) if fs.kind == "file" else None
+                    if src is not None and rec is None and fs.size > chunker.INLINE_MAX:
+                        r = gone[src]  # a rename: reuse the content description, no re-hash
+                        m = Manifest(kind="file", size=r.size, mode=fs.mode, uid=fs.uid, gid=fs.gid,
+                                     mtime_ns=fs.mtime_ns, digest=r.digest, chunks=r.chunks or [], origin=node,
+                                     ts=now, renamed_from=src)
+                        out.append((p, m, fs))
+                        continue
+                    m = localfs.describe(self.root, p, fs, node, now)
+                    if m is None:
+                        unstable.add(p)
+                    else:
+                        out.append((p, m, fs))
+                return out, unstable
+
+            built, unstable = await asyncio.to_thread(build)
+            if unstable:
+                self.dirty.update(unstable)
+                asyncio.get_running_loop().call_later(0.05, self.kick.set)
+            # Parents before children, new paths before deletions (a rename's source is still there).
+            built.sort(key=lambda t: (t[1].kind == "deleted", -_depth(t[0]) if t[1].kind == "deleted"
+                                      else _depth(t[0])))
+            try:
+                for i in range(0, len(built), MAX_TXN_OPS):
+                    await self._publish(built[i:i + MAX_TXN_OPS], recs)
+            except EtcdUnavailable:
+                self.dirty.update(p for p, _, _ in built)
+                raise
+
+    async def _publish(self, batch: list[tuple[str, Manifest, FileStat | None]],
+                       recs: dict[str, FileRecord | None]) -> None:
+        store = self.store
+        items = [(store.file_key(self.name, p), m.encode(), (recs.get(p).rev if recs.get(p) else 0))
+                 for p, m, _ in batch]
+        ok, rev = await store.cas_put_many(items)
+        if ok:
+            self._published(batch, rev)
+            return
+        for one, item in zip(batch, items, strict=True):  # someone else changed one of them: find which
+            ok, rev = await store.cas_put_many([item])
+            if ok:
+                self._published([one], rev)
+            else:
+                await self._conflict(one[0], one[1], one[2])
+
+    def _published(self, batch: list[tuple[str, Manifest, FileStat | None]], rev: int) -> None:
+        self.state.put_files(_record(self.name, p, m, fs, rev) for p, m, fs in batch)
+        for _, m, _ in batch:
+            metrics.ops_published.labels(m.kind).inc()
+        self.status.published += len(batch)
+        self.ctx.emit("published", {"volume": self.name, "count": len(batch), "revision": rev,
+                                    "paths": [p for p, _, _ in batch[:20]]})
+
+    # ---- conflicts
+    def _local_wins(self, local: Manifest, remote: Manifest) -> bool:
+        if remote.kind == "deleted":
+            return True  # modify beats delete
+        if local.kind == "deleted":
+            return False
+        if self.mode == "manual":
+            return False  # no winner: the version etcd accepted first keeps the name, the other is a copy
+        if self.mode == "size" and local.size != remote.size:
+            return local.size > remote.size
+        if local.mtime_ns != remote.mtime_ns:
+            return local.mtime_ns > remote.mtime_ns
+        return self.ctx.node_id > remote.origin
+
+    async def _conflict(self, rel: str, local: Manifest, fs: FileStat | None) -> None:
+        """Our compare-and-swap failed: another node changed `rel` concurrently. Decide, keep both."""
+        store = self.store
+        key = store.file_key(self.name, rel)
+        for _ in range(10):
+            kv = await store.get(key)
+            if kv is None:
+                ok, rev = await store.cas_put_many([(key, local.encode(), 0)])
+                if ok:
+                    self._published([(rel, local, fs)], rev)
+                    return
+                continue
+            try:
+                remote = decode(kv.value)
+            except ManifestError:
+                remote = Manifest(kind="deleted", origin="?")
+            if local.content_equal(remote):
+                # Same content reached from both sides: adopt the published one.
+                self.state.put_files([_record(self.name, rel, remote, fs, kv.mod_revision)])
+                if not local.attrs_equal(remote) and remote.kind != "deleted":
+                    await asyncio.to_thread(localfs.set_attrs, self.root, rel, remote)
+                return
+            metrics.conflicts.labels(self.mode).inc()
+            self.status.conflicts += 1
+            stamp = datetime.now(UTC)
+            if self._local_wins(local, remote):
+                ok, rev = await store.cas_put_many([(key, local.encode(), kv.mod_revision)])
+                if not ok:
+                    continue
+                self._published([(rel, local, fs)], rev)
+                if self.keep_copies and remote.kind == "file" and local.kind != "deleted":
+                    # The loser's content is kept under a conflict name; its chunks are on its origin.
+                    copy = conflict_name(rel, stamp, remote.origin or "unknown")
+                    ckey = store.file_key(self.name, copy)
+                    remote.ts = time.time()
+                    await store.cas_put_many([(ckey, remote.encode(), 0)])
+                    self._record_conflict(rel, copy, self.ctx.node_id, remote.origin)
+                return
+            # The remote version wins: move our content aside (no copy), then take theirs.
+            if local.kind == "file" and (self.keep_copies or self.mode == "manual"):
+                copy = conflict_name(rel, stamp, self.ctx.node_id)
+                await asyncio.to_thread(localfs.rename_local, self.root, rel, copy)
+                self.dirty.add(copy)
+                self.kick.set()
+                self._record_conflict(rel, copy, remote.origin, self.ctx.node_id)
+            self.state.delete_files(self.name, [rel])
+            await self._apply([_Pending(rel, remote, kv.mod_revision)], resolving=True)
+            return
+        raise EtcdUnavailable(f"could not settle the conflict on {rel!r} after 10 attempts")
+
+    def _record_conflict(self, rel: str, copy: str, winner: str, loser: str) -> None:
+        self.state.add_conflict(self.name, rel, copy, self.mode, winner, loser, time.time())
+        log.info("volume %s: conflict on %s (%s): %s kept, %s's version saved as %s", self.name, rel, self.mode,
+                 winner, loser, copy)
+        self.ctx.emit("conflict", {"volume": self.name, "path": rel, "copy": copy, "mode": self.mode,
+                                   "winner": winner, "loser": loser})
+
+    # ---- applying remote changes
+    async def _apply(self, items: list[_Pending], resolving: bool = False) -> None:
+        """Bring the local replica to the given manifests (called with the lock held)."""
+        # The latest revision of each path wins within a batch.
+        latest: dict[str, _Pending] = {}
+        for it in items:
+            cur = latest.get(it.rel)
+            if cur is None or it.rev > cur.rev:
+                latest[it.rel] = it
+        todo: list[_Pending] = []
+        for it in latest.values():
+            it.rec = self.state.file(self.name, it.rel)
+            if it.rec is not None and it.rec.rev >= it.rev and not resolving:
+                continue  # our own publish, or already applied
+            todo.append(it)
+        if not todo:
+            return
+        stats = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it in todo])
+        clean: list[_Pending] = []
+        for it, fs in zip(todo, stats, strict=True):
+            it.fs = fs
+            rec = it.rec
+            locally_changed = (fs is not None and (rec is None or _differs(rec, fs))) or (
+                fs is None and rec is not None and rec.kind != "deleted")
+            if locally_changed and not resolving:
+                await self._local_vs_remote(it)
+            else:
+                clean.append(it)
+        if not clean:
+            return
+        # Parents first; deletions deepest first and after everything else.
+        clean.sort(key=lambda i: (i.m.kind == "deleted", -_depth(i.rel) if i.m.kind == "deleted" else _depth(i.rel)))
+        dirs = [i for i in clean if i.m.kind == "dir"]
+        files = [i for i in clean if i.m.kind in ("file", "symlink")]
+        deletes = [i for i in clean if i.m.kind == "deleted"]
+        if dirs:
+            await asyncio.to_thread(self._apply_dirs, dirs)
+        if files:
+            await self._apply_files(files)
+        if deletes:
+            await asyncio.to_thread(self._apply_deletes, deletes)
+        done = [i for i in clean if i.rec is not None and i.rec.rev == i.rev]
+        if done:
+            now = time.time()
+            for i in done:
+                metrics.ops_applied.labels(i.m.kind).inc()
+                if i.m.ts > 0:
+                    metrics.propagation_lag_seconds.observe(max(0.0, now - i.m.ts))
+                    self.status.lag_seconds = max(0.0, now - i.m.ts)
+            self.status.applied += len(done)
+            self.status.last_applied_at = now
+            self.ctx.emit("applied", {"volume": self.name, "count": len(done),
+                                      "paths": [i.rel for i in done[:20]]})
+
+    async def _local_vs_remote(self, it: _Pending) -> None:
+        """A remote change arrived for a path with an unpublished local edit: settle it through etcd."""
+        if it.fs is None:
+            local = Manifest(kind="deleted", origin=self.ctx.node_id, ts=time.time())
+        else:
+            desc = await asyncio.to_thread(localfs.describe, self.root, it.rel, it.fs, self.ctx.node_id, time.time())
+            if desc is None:  # still being written: its close will publish it, then the CAS decides
+                self.dirty.add(it.rel)
+                self.kick.set()
+                return
+            local = desc
+        if local.content_equal(it.m):
+            self.state.put_files([_record(self.name, it.rel, it.m, it.fs, it.rev)])
+            if it.m.kind != "deleted" and not local.attrs_equal(it.m):
+                await asyncio.to_thread(localfs.set_attrs, self.root, it.rel, it.m)
+            return
+        await self._conflict(it.rel, local, it.fs)
+
+    def _apply_dirs(self, dirs: list[_Pending]) -> None:
+        recs = []
+        for it in dirs:
+            try:
+                fs = localfs.make_dir(self.root, it.rel, it.m)
+            except (OSError, PathError) as exc:
+                self._reject(it, exc)
+                continue
+            it.rec = _record(self.name, it.rel, it.m, fs, it.rev)
+            recs.append(it.rec)
+        self.state.put_files(recs)
+
+    def _apply_deletes(self, deletes: list[_Pending]) -> None:
+        recs = []
+        for it in deletes:
+            try:
+                removed = localfs.remove(self.root, it.rel)
+            except (OSError, PathError) as exc:
+                self._reject(it, exc)
+                continue
+            if not removed:
+                # A directory deleted elsewhere still holds local content: modify beats delete.
+                self.dirty.add(it.rel)
+            it.rec = _record(self.name, it.rel, it.m, None, it.rev)
+            recs.append(it.rec)
+        self.state.put_files(recs)
+        if any(it.rel in self.dirty for it in deletes):
+            self.kick.set()
+
+    def _reject(self, it: _Pending, exc: BaseException) -> None:
+        metrics.rejected_input.labels("apply").inc()
+        log.warning("volume %s: cannot apply %s (revision %d): %s", self.name, it.rel, it.rev, exc)
+
+    def _locations(self, ids: set[str]) -> dict[str, list[tuple[str, str, int, int]]]:
+        return {cid: self.state.chunk_locations(cid) for cid in ids}
+
+    def _read_local(self, cid: str, length: int, locs: dict[str, list[tuple[str, str, int, int]]]) -> bytes | None:
+        for vol, path, off, ln in locs.get(cid, ()):
+            if ln != length:
+                continue
+            data = localfs.read_range(os.path.join(self.ctx.data_root, "volumes", vol, "_data"), path, off, ln)
+            if data is not None and chunker.verify(data, cid):
+                return data
+        return None
+
+    async def _apply_files(self, files: list[_Pending]) -> None:
+        small: list[_Pending] = []
+        for it in files:
+            rec, m = it.rec, it.m
+            # Attribute-only change: same content already here.
+            if (m.kind == "file" and rec is not None and rec.kind == "file" and rec.digest == m.digest
+                    and it.fs is not None and not _differs(rec, it.fs)):
+                try:
+                    fs = await asyncio.to_thread(localfs.set_attrs, self.root, it.rel, m)
+                except (OSError, PathError) as exc:
+                    self._reject(it, exc)
+                    continue
+                it.rec = _record(self.name, it.rel, m, fs, it.rev)
+                self.state.put_files([it.rec])
+                continue
+            if m.kind == "file" and m.renamed_from and await self._try_local_rename(it):
+                continue
+            if m.kind == "file" and m.size > STREAM_THRESHOLD:
+                await self._apply_large(it)
+            else:
+                small.append(it)
+        # Waves bounded in memory: all chunks a wave lacks are fetched in one batched call.
+        wave: list[_Pending] = []
+        size = 0
+        for it in small:
+            wave.append(it)
+            size += it.m.size if it.m.inline is None else 0
+            if size >= WAVE_BYTES or len(wave) >= APPLY_PAGE:
+                await self._apply_wave(wave)
+                wave, size = [], 0
+        if wave:
+            await self._apply_wave(wave)
+
+    async def _try_local_rename(self, it: _Pending) -> bool:
+        src = it.m.renamed_from
+        srec = self.state.file(self.name, src)
+        if srec is None or srec.kind != "file" or srec.digest != it.m.digest:
+            return False
+        sfs = await asyncio.to_thread(localfs.lstat, self.root, src)
+        if sfs is None or _differs(srec, sfs) or it.fs is not None:
+            return False
+        try:
+            await asyncio.to_thread(localfs.rename_local, self.root, src, it.rel)
+            fs = await asyncio.to_thread(localfs.set_attrs, self.root, it.rel, it.m)
+        except (OSError, PathError) as exc:
+            self._reject(it, exc)
+            return False
+        self.state.delete_files(self.name, [src])
+        it.rec = _record(self.name, it.rel, it.m, fs, it.rev)
+        self.state.put_files([it.rec])
+        return True
+
+    async def _gather(self, wave: list[_Pending], origin_hint: str) -> tuple[dict[str, bytes], dict[str, list]]:
+        """Chunks for a wave: found locally (verified) or fetched from peers (verified by the client)."""
+        need: dict[str, int] = {}
+        for it in wave:
+            if it.m.kind == "file" and it.m.inline is None:
+                for cid, length in it.m.chunks:
+                    need[cid] = length
+        locs = self._locations(set(need))
+        local_hits = await asyncio.to_thread(
+            lambda: {cid: d for cid, ln in need.items() if (d := self._read_local(cid, ln, locs)) is not None})
+        missing = [cid for cid in need if cid not in local_hits]
+        got: dict[str, bytes] = dict(local_hits)
+        metrics.bytes_reused.inc(sum(len(d) for d in local_hits.values()))
+        if missing:
+            t0 = time.monotonic()
+            peers = await self.ctx.peers(self.name, origin_hint)
+            fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
+            metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
+            got.update(fetched)
+            lacking = [cid for cid in missing if cid not in fetched]
+            if lacking:
+                raise FetchError(f"{len(lacking)} chunk(s) of volume {self.name} not available from any peer "
+                                 f"({', '.join(peers) or 'no peers'})")
+        return got, locs
+
+    async def _apply_wave(self, wave: list[_Pending]) -> None:
+        origins = [it.m.origin for it in wave if it.m.inline is None and it.m.kind == "file"]
+        got, _ = await self._gather(wave, origins[0] if origins else "")
+
+        def write() -> list[tuple[_Pending, int, str]]:
+            staged = []
+            for it in wave:
+                try:
+                    dfd, tmp = localfs.stage(self.root, it.rel, it.m, lambda cid, ln: got[cid])
+                except (OSError, PathError) as exc:
+                    self._reject(it, exc)
+                    continue
+                staged.append((it, dfd, tmp))
+            if staged:
+                localfs.syncfs(self.root)
+            return staged
+
+        staged = await asyncio.to_thread(write)
+        await self._commit(staged)
+
+    async def _commit(self, staged: list[tuple[_Pending, int, str]]) -> None:
+        """Rename staged files into place unless the target changed locally meanwhile."""
+        # Re-check for local edits that raced with the fetch; those go through the conflict path.
+        checks = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it, _, _ in staged])
+        ready: list[tuple[_Pending, int, str]] = []
+        for (it, dfd, tmp), fs in zip(staged, checks, strict=True):
+            if fs != it.fs:
+                await asyncio.to_thread(localfs.discard, dfd, tmp)
+                it.fs = fs
+                await self._local_vs_remote(it)
+                continue
+            ready.append((it, dfd, tmp))
+
+        def rename_all() -> list[FileRecord]:
+            recs = []
+            for it, dfd, tmp in ready:
+                try:
+                    fs = localfs.commit(dfd, tmp, it.rel)
+                except OSError as exc:
+                    self._reject(it, exc)
+                    continue
+                it.rec = _record(self.name, it.rel, it.m, fs, it.rev)
+                recs.append(it.rec)
+            return recs
+
+        self.state.put_files(await asyncio.to_thread(rename_all))
+
+    async def _apply_large(self, it: _Pending) -> None:
+        """Stream a big file: fetch and write one wave of chunks at a time."""
+        locs_all = self._locations({cid for cid, _ in it.m.chunks})
+        m = it.m
+        dfd, tmp = await asyncio.to_thread(localfs.stage, self.root, it.rel,
+                                           Manifest(kind="file", mode=0o600, mtime_ns=m.mtime_ns), lambda c, n: b"")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            await asyncio.to_thread(localfs.discard, dfd, tmp)
+            raise
+        try:
+            group: list[list[Any]] = []
+            gsize = 0
+            peers: list[str] | None = None
+            for entry in [*m.chunks, None]:
+                if entry is not None:
+                    group.append(entry)
+                    gsize += entry[1]
+                    if gsize < WAVE_BYTES:
+                        continue
+                if not group:
+                    break
+                ids = {cid: ln for cid, ln in group}
+                local = await asyncio.to_thread(
+                    lambda ids=ids: {c: d for c, n in ids.items() if (d := self._read_local(c, n, locs_all))})
+                missing = [c for c in ids if c not in local]
+                data = dict(local)
+                metrics.bytes_reused.inc(sum(len(d) for d in local.values()))
+                if missing:
+                    if peers is None:
+                        peers = await self.ctx.peers(self.name, m.origin)
+                    t0 = time.monotonic()
+                    fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
+                    metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
+                    if len(fetched) < len(missing):
+                        raise FetchError(f"{len(missing) - len(fetched)} chunk(s) of {it.rel} not available")
+                    data.update(fetched)
+
+                def write(group: list[list[Any]] = group, data: dict[str, bytes] = data) -> None:
+                    for cid, _ in group:
+                        view = memoryview(data[cid])
+                        while view:
+                            n = os.write(fd, view)
+                            view = view[n:]
+
+                await asyncio.to_thread(write)
+                group, gsize = [], 0
+
+            def finish() -> None:
+                os.fchmod(fd, m.mode)
+                if localfs.IS_ROOT:
+                    os.fchown(fd, m.uid, m.gid)
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+                os.fsync(fd)
+
+            await asyncio.to_thread(finish)
+        except BaseException:
+            os.close(fd)
+            await asyncio.to_thread(localfs.discard, dfd, tmp)
+            raise
+        os.close(fd)
+        await self._commit([(it, dfd, tmp)])
+
+    # ---- chunk serving and status
+    async def read_chunk(self, chunk_id: str) -> bytes | None:
+        locs = [loc for loc in self.state.chunk_locations(chunk_id) if loc[0] == self.name]
+        if not locs:
+            return None
+        return await asyncio.to_thread(self._read_local, chunk_id, locs[0][3], {chunk_id: locs})
+
+    def describe_status(self) -> dict[str, Any]:
+        st = self.state.volume_stats(self.name)
+        w = self.watcher
+        return {
+            "ready": self.ready.is_set(), "revision": self.state.revision(self.name), "files": st["files"],
+            "bytes": st["bytes"], "pending": len(self.dirty), "published": self.status.published,
+            "applied": self.status.applied, "conflicts": self.status.conflicts,
+            "lag_seconds": round(self.status.lag_seconds, 4), "last_error": self.status.last_error,
+            "watches": w.watch_count if w else 0, "watcher_degraded": bool(w and w.degraded),
+            "watcher_reason": (w.degraded_reason or "") if w else "",
+        }
+
+
+class Engine:
+    """All volumes this node holds."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.volumes: dict[str, VolumeSync] = {}
+
+    async def attach(self, name: str, options: VolumeOptions) -> VolumeSync:
+        vs = self.volumes.get(name)
+        if vs is None:
+            vs = VolumeSync(self.ctx, name, options)
+            self.volumes[name] = vs
+            await vs.start()
+            metrics.volumes_held.set(len(self.volumes))
+        return vs
+
+    async def wait_ready(self, name: str, timeout: float) -> bool:
+        vs = self.volumes.get(name)
+        if vs is None:
+            return False
+        try:
+            await asyncio.wait_for(vs.ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def detach(self, name: str, delete_data: bool) -> None:
+        vs = self.volumes.pop(name, None)
+        if vs is not None:
+            await vs.stop()
+        metrics.volumes_held.set(len(self.volumes))
+        if delete_data:
+            self.ctx.state.unhold(name)
+            base = os.path.join(self.ctx.data_root, "volumes", name)
+            await asyncio.to_thread(shutil.rmtree, base, True)
+
+    async def read_chunk(self, volume: str, chunk_id: str) -> bytes | None:
+        vs = self.volumes.get(volume)
+        return await vs.read_chunk(chunk_id) if vs else None
+
+    async def close(self) -> None:
+        for name in list(self.volumes):
+            vs = self.volumes.pop(name)
+            await vs.stop()

@@ -1,0 +1,316 @@
+"""Filesystem side of the engine: stat, walk, hash, and crash-safe writes inside a volume root.
+
+All functions are synchronous and run in worker threads. Writes never happen in place: a temp file
+(`.syncmesh-tmp-*`, never published) in the target directory, one syncfs per batch, then rename over
+the target, so a crash leaves the old file or the new one. Every path goes through `pathsafe`, so no
+manifest can make us write outside the volume or through a planted symlink.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import stat as st_mod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from . import chunker
+from .manifest import Manifest
+from .pathsafe import TMP_PREFIX, PathError, open_parent_dir
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+IS_ROOT = os.geteuid() == 0
+
+
+def syncfs(path: str) -> None:
+    """Flush the whole file system holding `path` once, instead of one fsync per file of a batch."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """What the index compares to tell "changed" from "unchanged" without reading content."""
+
+    kind: str  # file | dir | symlink | other
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    mode: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, s: os.stat_result) -> FileStat:
+        m = s.st_mode
+        kind = ("file" if st_mod.S_ISREG(m) else "dir" if st_mod.S_ISDIR(m)
+                else "symlink" if st_mod.S_ISLNK(m) else "other")
+        return cls(kind, s.st_size if kind == "file" else 0, s.st_mtime_ns, s.st_ctime_ns, s.st_ino,
+                   st_mod.S_IMODE(m), s.st_uid, s.st_gid)
+
+
+def lstat(root: str, rel: str) -> FileStat | None:
+    """lstat of root/rel without following a symlinked parent; None when absent or unreachable safely."""
+    try:
+        dfd = open_parent_dir(root, rel, create=False)
+    except (FileNotFoundError, NotADirectoryError, PathError):
+        return None
+    try:
+        return FileStat.of(os.stat(rel.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        os.close(dfd)
+
+
+def walk(root: str, ignored: Callable[[str, bool], bool]) -> Iterator[tuple[str, FileStat]]:
+    """Every entry below root (never following symlinks), skipping ignored and internal names."""
+    stack = [""]
+    while stack:
+        base = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, base) if base else root)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        with it:
+            for entry in it:
+                name = entry.name
+                if name.startswith(TMP_PREFIX):
+                    continue
+                rel = f"{base}/{name}" if base else name
+                try:
+                    fs = FileStat.of(entry.stat(follow_symlinks=False))
+                except FileNotFoundError:
+                    continue
+                if fs.kind == "other" or ignored(rel, fs.kind == "dir"):
+                    continue
+                yield rel, fs
+                if fs.kind == "dir":
+                    stack.append(rel)
+
+
+def describe(root: str, rel: str, fs: FileStat, origin: str, ts: float) -> Manifest | None:
+    """Build the manifest of a local path (hashing a file); None if it changed while being read."""
+    m = Manifest(kind=fs.kind, mode=fs.mode, uid=fs.uid, gid=fs.gid, origin=origin, ts=ts)
+    path = os.path.join(root, rel)
+    if fs.kind == "symlink":
+        try:
+            m.target = os.readlink(path)
+        except OSError:
+            return None
+    elif fs.kind == "file":
+        try:
+            content = chunker.scan_file(path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return None
+        after = lstat(root, rel)
+        # A file still being written is not published half-written: the stat must not have moved.
+        if after is None or (after.size, after.mtime_ns, after.ctime_ns, after.inode) != (
+                fs.size, fs.mtime_ns, fs.ctime_ns, fs.inode) or content.size != fs.size:
+            return None
+        m.size, m.mtime_ns, m.digest = content.size, fs.mtime_ns, content.digest
+        m.chunks = [[c.id, c.length] for c in content.chunks]
+        m.inline = content.inline
+    return m
+
+
+ChunkGetter = Callable[[str, int], bytes]
+
+
+def _set_attrs(fd: int, m: Manifest) -> None:
+    os.fchmod(fd, m.mode)
+    if IS_ROOT:
+        os.fchown(fd, m.uid, m.gid)
+
+
+def stage(root: str, rel: str, m: Manifest, get_chunk: ChunkGetter) -> tuple[int, str]:
+    """Write the new content of `rel` to a temp file in its directory; returns (dir fd, temp name).
+
+    The caller renames it into place after one syncfs for the whole batch (see `commit`)."""
+    dfd = open_parent_dir(root, rel, create=True)
+    tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+    try:
+        if m.kind == "symlink":
+            os.symlink(m.target, tmp, dir_fd=dfd)
+            if IS_ROOT:
+                os.chown(tmp, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+            return dfd, tmp
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
+        try:
+            if m.inline is not None:
+                os.write(fd, m.inline)
+            else:
+                for cid, length in m.chunks:
+                    data = get_chunk(cid, length)
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+            _set_attrs(fd, m)
+            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+        finally:
+            os.close(fd)
+        return dfd, tmp
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        os.close(dfd)
+        raise
+
+
+def commit(dfd: int, tmp: str, rel: str) -> FileStat:
+    """Rename the staged temp file over the target and return the new file's stat (for the index)."""
+    name = rel.rsplit("/", 1)[-1]
+    try:
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except IsADirectoryError:
+            # A directory stands where a file now goes (remote kind change): move it aside first.
+            _remove_tree_at(dfd, name)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+    finally:
+        os.close(dfd)
+
+
+def discard(dfd: int, tmp: str) -> None:
+    try:
+        os.unlink(tmp, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _remove_tree_at(dfd: int, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        for entry in os.listdir(fd):
+            s = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if st_mod.S_ISDIR(s.st_mode):
+                _remove_tree_at(fd, entry)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dfd)
+
+
+def make_dir(root: str, rel: str, m: Manifest) -> FileStat:
+    dfd = open_parent_dir(root, rel, create=True)
+    name = rel.rsplit("/", 1)[-1]
+    try:
+        try:
+            os.mkdir(name, 0o755, dir_fd=dfd)
+        except FileExistsError:
+            s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not st_mod.S_ISDIR(s.st_mode):
+                os.unlink(name, dir_fd=dfd)  # a file or symlink stands where the directory now goes
+                os.mkdir(name, 0o755, dir_fd=dfd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            _set_attrs(fd, m)
+            return FileStat.of(os.fstat(fd))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+
+
+def set_attrs(root: str, rel: str, m: Manifest) -> FileStat | None:
+    """Attribute-only change: mode, owner, mtime; no data moves."""
+    dfd = open_parent_dir(root, rel, create=False)
+    name = rel.rsplit("/", 1)[-1]
+    try:
+        if m.kind == "symlink":
+            if IS_ROOT:
+                os.chown(name, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+        else:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                _set_attrs(fd, m)
+                if m.kind == "file":
+                    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            finally:
+                os.close(fd)
+        return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+    finally:
+        os.close(dfd)
+
+
+def remove(root: str, rel: str) -> bool:
+    """Delete a file, symlink or empty directory; False if a directory still has content."""
+    try:
+        dfd = open_parent_dir(root, rel, create=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    name = rel.rsplit("/", 1)[-1]
+    try:
+        s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if st_mod.S_ISDIR(s.st_mode):
+            # Leftover temp files of an interrupted apply do not keep a deleted directory alive.
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for entry in os.listdir(fd):
+                    if entry.startswith(TMP_PREFIX):
+                        os.unlink(entry, dir_fd=fd)
+            finally:
+                os.close(fd)
+            try:
+                os.rmdir(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return False
+                raise
+        else:
+            os.unlink(name, dir_fd=dfd)
+        return True
+    except FileNotFoundError:
+        return True
+    finally:
+        os.close(dfd)
+
+
+def rename_local(root: str, src: str, dst: str) -> FileStat:
+    """Move a local file (a rename made on another node, or a conflict copy): no data is copied."""
+    sfd = open_parent_dir(root, src, create=False)
+    try:
+        dfd = open_parent_dir(root, dst, create=True)
+        try:
+            os.rename(src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+            return FileStat.of(os.stat(dst.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def read_range(root: str, rel: str, offset: int, length: int) -> bytes | None:
+    """Bytes of a local file (a chunk source), refusing symlinked parents; None if unavailable."""
+    try:
+        dfd = open_parent_dir(root, rel, create=False)
+    except (OSError, PathError):
+        return None
+    try:
+        fd = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+    try:
+        data = os.pread(fd, length, offset)
+        return data if len(data) == length else None
+    finally:
+        os.close(fd)

@@ -1,0 +1,146 @@
+"""The per-path manifest published in etcd: what a path is, never the file data (except tiny files).
+
+Every manifest read from etcd is untrusted: `decode` checks every field and bound before the engine
+looks at it, so a hostile or corrupt value is rejected with a reason instead of acting on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chunker import CHUNK_MAX, INLINE_MAX
+from .pathsafe import PathError, validate_relpath
+
+KINDS = ("file", "dir", "symlink", "deleted")
+MAX_FILE_SIZE = 1 << 44  # 16 TiB: a manifest claiming more (say 1 PB) is rejected, never allocated
+MAX_CHUNKS = 1 << 20
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+class ManifestError(ValueError):
+    """A manifest that must not be acted on."""
+
+
+@dataclass(slots=True)
+class Manifest:
+    kind: str
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    digest: str = ""
+    chunks: list[list[Any]] = field(default_factory=list)  # [[chunk_id, length], ...]
+    inline: bytes | None = None
+    target: str = ""
+    origin: str = ""
+    ts: float = 0.0  # wall-clock publish time on the origin, for the propagation-lag metric
+    renamed_from: str = ""  # a rename: the receiver may move its copy of this path instead of fetching
+
+    def content_equal(self, other: Manifest) -> bool:
+        """Same kind and content (attributes may differ)."""
+        if self.kind != other.kind:
+            return False
+        if self.kind == "file":
+            return self.digest == other.digest and self.size == other.size
+        if self.kind == "symlink":
+            return self.target == other.target
+        return True
+
+    def attrs_equal(self, other: Manifest) -> bool:
+        same = self.mode == other.mode and self.uid == other.uid and self.gid == other.gid
+        if self.kind == "file":
+            same = same and self.mtime_ns == other.mtime_ns
+        return same
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {"k": self.kind, "o": self.origin, "ts": round(self.ts, 6)}
+        if self.kind != "deleted":
+            d.update(m=self.mode, u=self.uid, g=self.gid)
+        if self.kind == "file":
+            d.update(s=self.size, t=self.mtime_ns, d=self.digest)
+            if self.inline is not None:
+                d["i"] = base64.b64encode(self.inline).decode()
+            else:
+                d["c"] = self.chunks
+        elif self.kind == "symlink":
+            d["l"] = self.target
+        if self.renamed_from:
+            d["r"] = self.renamed_from
+        return json.dumps(d, separators=(",", ":")).encode()
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = d.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ManifestError(f"field {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _str(d: dict[str, Any], key: str, limit: int) -> str:
+    v = d.get(key, "")
+    if not isinstance(v, str) or len(v) > limit or "\x00" in v:
+        raise ManifestError(f"field {key!r} must be a string of at most {limit} characters without NUL")
+    return v
+
+
+def decode(raw: bytes) -> Manifest:
+    """Parse and validate a manifest from etcd; raise ManifestError with the reason."""
+    if len(raw) > 2 * 1024 * 1024:
+        raise ManifestError("manifest larger than 2 MiB")
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"not JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise ManifestError("manifest must be a JSON object")
+    kind = d.get("k")
+    if kind not in KINDS:
+        raise ManifestError(f"unknown kind {kind!r}")
+    ts = d.get("ts", 0)
+    m = Manifest(kind=kind, origin=_str(d, "o", 63), ts=float(ts) if isinstance(ts, (int, float)) else 0.0)
+    if kind != "deleted":
+        m.mode = _int(d, "m", 0, 0o7777)
+        m.uid = _int(d, "u", 0, 2**32 - 1)
+        m.gid = _int(d, "g", 0, 2**32 - 1)
+    if kind == "file":
+        m.size = _int(d, "s", 0, MAX_FILE_SIZE)
+        m.mtime_ns = _int(d, "t", -(2**62), 2**62)
+        m.digest = _str(d, "d", 32)
+        if not _HEX32.fullmatch(m.digest):
+            raise ManifestError("digest must be 32 lowercase hex characters")
+        if "i" in d:
+            try:
+                m.inline = base64.b64decode(_str(d, "i", 4 * INLINE_MAX), validate=True)
+            except ValueError:
+                raise ManifestError("inline data is not valid base64") from None
+            if len(m.inline) != m.size or m.size > INLINE_MAX:
+                raise ManifestError("inline data does not match the declared size")
+        else:
+            chunks = d.get("c")
+            if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
+                raise ManifestError("chunk list missing or too long")
+            total = 0
+            for c in chunks:
+                if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str)
+                        or not _HEX32.fullmatch(c[0]) or not isinstance(c[1], int) or isinstance(c[1], bool)
+                        or not 0 < c[1] <= CHUNK_MAX):
+                    raise ManifestError(f"bad chunk entry {c!r}")
+                total += c[1]
+            if total != m.size:
+                raise ManifestError(f"chunk lengths add up to {total}, not the declared size {m.size}")
+            m.chunks = chunks
+    elif kind == "symlink":
+        m.target = _str(d, "l", 4096)
+        if not m.target:
+            raise ManifestError("symlink without a target")
+    if "r" in d:
+        try:
+            m.renamed_from = validate_relpath(_str(d, "r", 4096))
+        except PathError as exc:
+            raise ManifestError(f"bad rename source: {exc}") from None
+    return m

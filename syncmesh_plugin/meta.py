@@ -1,0 +1,359 @@
+"""The etcd keyspace, and the only module that talks to etcd.
+
+It covers the three gaps of etcd3aio: endpoints must be IP literals (host names are resolved here),
+a watch from a compacted revision hangs instead of raising (the cancel is detected and raised as
+`CompactedError`), and there is no mod_revision compare helper (`_cmp_mod`).
+
+Keyspace under the prefix (default /syncmesh/v1):
+  nodes/<node>              node record, under the node's lease
+  volumes/<name>            volume record (options, created_by, created_at); Create = put-if-absent
+  files/<volume>/<path>     one manifest per path (file, dir, symlink, tombstone)
+  mounts/<volume>/<node>    "volume mounted on node", under the node's lease
+  holders/<volume>/<node>   "node holds a replica", under the node's lease
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio._protobuf import Compare, RequestOp
+
+from .config import EtcdConfig
+
+log = logging.getLogger(__name__)
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+
+
+class EtcdUnavailable(RuntimeError):
+    """etcd could not be reached or refused the request; the message says which endpoint and why."""
+
+
+class CompactedError(RuntimeError):
+    """A watch asked for history etcd no longer has: the caller must resync from a range read."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd compacted history up to revision {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    key: bytes
+    value: bytes | None  # None: the key was deleted
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """One watch response: its events, and the revision the watcher has now seen everything up to."""
+
+    events: list[WatchEvent]
+    revision: int
+
+
+async def resolve_endpoints(endpoints: Sequence[str]) -> list[str]:
+    """Turn URLs or host:port strings into `ipv4:port` literals, as etcd3aio requires."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    for ep in endpoints:
+        u = urlsplit(ep if "://" in ep else f"http://{ep}")
+        host, port = u.hostname, u.port or 2379
+        if not host:
+            raise EtcdUnavailable(f"bad etcd endpoint {ep!r}")
+        try:
+            infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise EtcdUnavailable(f"cannot resolve etcd endpoint {ep!r}: {exc}") from None
+        addr = infos[0][4][0]
+        out.append(f"{addr}:{port}")
+    return out
+
+
+def _cmp_mod(key: bytes, mod_revision: int) -> Compare:
+    """mod_revision(key) == rev; rev 0 means "the key does not exist"."""
+    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=mod_revision)
+
+
+def _op_put(key: bytes, value: bytes, lease: int = 0) -> RequestOp:
+    from etcd3aio.kv import KVService
+
+    return KVService.txn_op_put(key, value, lease=lease)
+
+
+def _wrap(exc: BaseException, what: str) -> EtcdUnavailable:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        detail = f"{exc.code().name}: {exc.details()}"
+    else:
+        detail = str(exc) or type(exc).__name__
+    return EtcdUnavailable(f"etcd {what} failed: {detail}")
+
+
+class EtcdStore:
+    """Typed access to the syncmesh keyspace; all etcd errors surface as EtcdUnavailable."""
+
+    def __init__(self, cfg: EtcdConfig, endpoints: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.endpoints = list(endpoints)
+        self.prefix = cfg.prefix.encode()
+        self.timeout = float(cfg.timeout)
+        self._client: Etcd3Client | None = None
+        self._refresher: Any = None
+        self.request_hook: Callable[[str, float, bool], None] | None = None  # metrics: (op, seconds, ok)
+
+    # ---- keys
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + b"/" + "/".join(parts).encode("utf-8", "surrogateescape")
+
+    def file_key(self, volume: str, path: str) -> bytes:
+        return self.key("files", volume, path)
+
+    def files_prefix(self, volume: str) -> bytes:
+        return self.key("files", volume) + b"/"
+
+    def path_of(self, volume: str, key: bytes) -> str:
+        return key[len(self.files_prefix(volume)):].decode("utf-8", "surrogateescape")
+
+    # ---- lifecycle
+    async def connect(self) -> None:
+        """Open the channel and check that etcd answers; raise EtcdUnavailable otherwise."""
+        resolved = await resolve_endpoints(self.endpoints)
+        tls: dict[str, bytes | None] = {}
+        if self.cfg.tls_ca_file:
+            with open(self.cfg.tls_ca_file, "rb") as fh:
+                tls["ca_cert"] = fh.read()
+            if self.cfg.tls_cert_file and self.cfg.tls_key_file:
+                with open(self.cfg.tls_cert_file, "rb") as fh:
+                    tls["cert_chain"] = fh.read()
+                with open(self.cfg.tls_key_file, "rb") as fh:
+                    tls["cert_key"] = fh.read()
+        server_name = self.cfg.tls_server_name or (urlsplit(self.endpoints[0]).hostname if tls else None)
+        client = Etcd3Client(resolved, tls_server_name=server_name or None, rpc_max_attempts=2,
+                             watch_max_reconnect_backoff_seconds=2.0, **tls)
+        await client.connect()
+        self._client = client
+        try:
+            if self.cfg.username:
+                self._refresher = client.token_refresher(self.cfg.username, str(self.cfg.password))
+                await asyncio.wait_for(self._refresher.__aenter__(), self.timeout)
+            await asyncio.wait_for(client.ping(write_check=False, timeout=self.timeout), self.timeout + 1)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            await self.close()
+            raise _wrap(exc, f"connect to {', '.join(self.endpoints)}") from None
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            with contextlib.suppress(Exception):
+                await self._refresher.__aexit__(None, None, None)
+            self._refresher = None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> Etcd3Client:
+        if self._client is None:
+            raise EtcdUnavailable("etcd is not connected")
+        return self._client
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        t0 = time.monotonic()
+        ok = False
+        try:
+            res = await fn()
+            ok = True
+            return res
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _wrap(exc, what) from None
+        finally:
+            if self.request_hook is not None:
+                self.request_hook(what, time.monotonic() - t0, ok)
+
+    # ---- basic operations
+    async def ping(self) -> None:
+        await self._call("status", lambda: self.client.ping(write_check=False, timeout=self.timeout))
+
+    async def get(self, key: bytes) -> KV | None:
+        resp = await self._call("get", lambda: self.client.kv.get(key, timeout=self.timeout))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KV(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
+
+    async def get_range(self, prefix: bytes, *, page: int = 2000,
+                        revision: int = 0) -> tuple[int, AsyncIterator[list[KV]]]:
+        """Read a whole prefix in pages at one revision, so memory stays bounded for huge volumes.
+
+        Returns (revision, async iterator of pages)."""
+        end = prefix_range_end(prefix)
+        first = await self._call("range", lambda: self.client.kv.get(
+            prefix, end, revision=revision, limit=page, timeout=self.timeout * 4))
+        rev = first.header.revision if revision == 0 else revision
+
+        async def pages() -> AsyncIterator[list[KV]]:
+            resp = first
+            while True:
+                kvs = [KV(k.key, k.value, k.mod_revision, k.create_revision, k.lease) for k in resp.kvs]
+                if kvs:
+                    yield kvs
+                if not resp.more or not kvs:
+                    return
+                start = kvs[-1].key + b"\x00"
+                resp = await self._call("range", lambda s=start: self.client.kv.get(
+                    s, end, revision=rev, limit=page, timeout=self.timeout * 4))
+
+        return rev, pages()
+
+    async def get_all(self, prefix: bytes) -> tuple[int, list[KV]]:
+        rev, pages = await self.get_range(prefix)
+        out: list[KV] = []
+        async for p in pages:
+            out.extend(p)
+        return rev, out
+
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        resp = await self._call("put", lambda: self.client.kv.put(key, value, lease=lease, timeout=self.timeout))
+        return int(resp.header.revision)
+
+    async def put_if_absent(self, key: bytes, value: bytes) -> tuple[bool, KV | None]:
+        """Create the key unless it exists; returns (created, existing kv)."""
+        kv = self.client.kv
+        resp = await self._call("txn", lambda: kv.txn(
+            [kv.txn_compare_create_revision(key, 0)], [kv.txn_op_put(key, value)], [kv.txn_op_get(key)],
+            timeout=self.timeout))
+        if resp.succeeded:
+            return True, None
+        rng = resp.responses[0].response_range
+        if rng.kvs:
+            k = rng.kvs[0]
+            return False, KV(k.key, k.value, k.mod_revision, k.create_revision)
+        return False, None
+
+    async def cas_put_many(self, items: Sequence[tuple[bytes, bytes, int]]) -> tuple[bool, int]:
+        """Put every (key, value) iff each key's mod_revision still equals its base; one revision.
+
+        Returns (succeeded, revision). At most MAX_TXN_OPS items."""
+        if len(items) > MAX_TXN_OPS:
+            raise ValueError("too many operations for one etcd transaction")
+        kv = self.client.kv
+        compares = [_cmp_mod(k, base) for k, _, base in items]
+        ops = [_op_put(k, v) for k, v, _ in items]
+        resp = await self._call("txn", lambda: kv.txn(compares, ops, timeout=self.timeout))
+        return bool(resp.succeeded), int(resp.header.revision)
+
+    async def delete(self, key: bytes) -> None:
+        await self._call("delete", lambda: self.client.kv.delete(key, timeout=self.timeout))
+
+    async def delete_prefix(self, prefix: bytes) -> int:
+        resp = await self._call("delete", lambda: self.client.kv.delete(
+            prefix, prefix_range_end(prefix), timeout=self.timeout * 4))
+        return int(resp.deleted)
+
+    async def count_prefix(self, prefix: bytes) -> int:
+        resp = await self._call("range", lambda: self.client.kv.get(
+            prefix, prefix_range_end(prefix), count_only=True, timeout=self.timeout))
+        return int(resp.count)
+
+    async def latest_revision(self, prefix: bytes) -> int:
+        """The highest mod_revision under a prefix (0 if empty): how far a replica must get."""
+        from etcd3aio import SortOrder, SortTarget
+
+        resp = await self._call("range", lambda: self.client.kv.get(
+            prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
+            keys_only=True, timeout=self.timeout))
+        return int(resp.kvs[0].mod_revision) if resp.kvs else 0
+
+    async def compact(self, revision: int) -> None:
+        await self._call("compact", lambda: self.client.kv.compact(revision, physical=True, timeout=30))
+
+    async def current_revision(self) -> int:
+        resp = await self._call("get", lambda: self.client.kv.get(self.key("rev"), timeout=self.timeout))
+        return int(resp.header.revision)
+
+    # ---- leases
+    async def grant_lease(self, ttl: int) -> int:
+        resp = await self._call("lease", lambda: self.client.lease.grant(ttl=ttl, timeout=self.timeout))
+        return int(resp.ID)
+
+    async def keep_alive_once(self, lease_id: int) -> int:
+        """One keep-alive round trip; returns the remaining TTL (<= 0: the lease is gone)."""
+
+        async def once() -> int:
+            from etcd3aio._protobuf import LeaseKeepAliveRequest
+
+            async def req() -> AsyncIterator[Any]:
+                yield LeaseKeepAliveRequest(ID=lease_id)
+
+            stream = self.client.lease._stub.LeaseKeepAlive(req(), metadata=self.client.lease._metadata or None)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    async for resp in stream:
+                        return int(resp.TTL)
+            finally:
+                stream.cancel()
+            return 0
+
+        return int(await self._call("keepalive", once))
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with contextlib.suppress(EtcdUnavailable):
+            await self._call("lease", lambda: self.client.lease.revoke(lease_id, timeout=2))
+
+    # ---- watch
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """Watch a prefix from a revision; raises CompactedError when that history is gone.
+
+        Transient disconnects are retried by etcd3aio (it resumes at the last revision + 1). etcd3aio
+        yields a response with compact_revision set and then hangs: that is detected here."""
+        it = self.client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision,
+                                     progress_notify=True)
+        try:
+            async for resp in it:
+                if resp.compact_revision > 0:
+                    raise CompactedError(int(resp.compact_revision))
+                if resp.canceled:
+                    raise EtcdUnavailable(f"etcd cancelled the watch on {prefix!r}: {resp.cancel_reason}")
+                if resp.created and not resp.events:
+                    continue  # its header revision runs ahead of the history still to be replayed
+                events = [
+                    WatchEvent(ev.kv.key, ev.kv.value if ev.type == 0 else None, int(ev.kv.mod_revision))
+                    for ev in resp.events
+                ]
+                # While replaying, the header revision is the store's current one, ahead of what this
+                # response carries: only the events' own revisions say how far we really are.
+                rev = max(e.mod_revision for e in events) if events else int(resp.header.revision)
+                yield WatchBatch(events, rev)
+        except grpc.aio.AioRpcError as exc:
+            raise _wrap(exc, "watch") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await it.aclose()  # type: ignore[attr-defined]
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def loads(raw: bytes) -> Any:
+    return json.loads(raw)

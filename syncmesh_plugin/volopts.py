@@ -1,0 +1,101 @@
+"""Volume names and per-volume options (`docker volume create --opt`, compose `driver_opts`).
+
+Docker does not validate names for non-local drivers, and a name becomes a directory, so the rule is
+enforced here before anything touches the disk or etcd.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import CONFLICT_MODES, Duration, _coerce
+
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+NAME_RULE = "volume names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at most 255 bytes"
+
+
+class VolumeError(ValueError):
+    """A bad volume name or option; the message goes back to Docker as `Err`."""
+
+
+def validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise VolumeError(f"missing volume name: {NAME_RULE}")
+    if len(name.encode("utf-8", "surrogateescape")) > 255 or not NAME_RE.fullmatch(name):
+        raise VolumeError(f"invalid volume name {name!r}: {NAME_RULE}")
+    return name
+
+
+@dataclass(frozen=True)
+class VolumeOptions:
+    """Options fixed at Create and stored with the volume in etcd (every node uses the same)."""
+
+    conflict_resolution: str | None = None  # None: the node's sync.conflict_resolution
+    keep_conflict_copies: bool = True
+    compression: bool = True
+    ignore: tuple[str, ...] = ()
+    mount_timeout: float | None = None  # None: the node's sync.mount_timeout
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ignore"] = list(self.ignore)
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VolumeOptions:
+        return cls(
+            conflict_resolution=data.get("conflict_resolution"),
+            keep_conflict_copies=bool(data.get("keep_conflict_copies", True)),
+            compression=bool(data.get("compression", True)),
+            ignore=tuple(data.get("ignore", ())),
+            mount_timeout=data.get("mount_timeout"),
+        )
+
+
+OPTION_HELP = {
+    "conflict_resolution": "timestamp|size|manual",
+    "keep_conflict_copies": "true|false",
+    "compression": "true|false",
+    "ignore": "comma-separated gitignore-style patterns, e.g. '*.lock,cache/'",
+    "mount_timeout": "duration such as 60s",
+}
+
+
+def _valid_list() -> str:
+    return "; ".join(f"{k}={v}" for k, v in OPTION_HELP.items())
+
+
+def parse_options(opts: Any) -> VolumeOptions:
+    """Validate Docker's `Opts` (a string map, possibly null) into VolumeOptions."""
+    if opts is None:
+        return VolumeOptions()
+    if not isinstance(opts, Mapping):
+        raise VolumeError(f"Opts must be an object of string values; valid options: {_valid_list()}")
+    kwargs: dict[str, Any] = {}
+    for key, value in opts.items():
+        if key not in OPTION_HELP:
+            raise VolumeError(f"unknown volume option {key!r}; valid options: {_valid_list()}")
+        if not isinstance(value, str):
+            value = str(value)
+        try:
+            if key == "conflict_resolution":
+                if value not in CONFLICT_MODES:
+                    raise ValueError
+                kwargs[key] = value
+            elif key in ("keep_conflict_copies", "compression"):
+                kwargs[key] = _coerce(key, bool, value, from_env=True)
+            elif key == "mount_timeout":
+                kwargs[key] = float(_coerce(key, Duration, value, from_env=True))
+            elif key == "ignore":
+                pats = tuple(p.strip() for p in value.split(",") if p.strip())
+                for p in pats:
+                    if "\x00" in p or len(p) > 1024:
+                        raise ValueError
+                kwargs[key] = pats
+        except ValueError:
+            raise VolumeError(f"bad value {value!r} for volume option {key}: expected {OPTION_HELP[key]}; "
+                              f"valid options: {_valid_list()}") from None
+    return VolumeOptions(**kwargs)

@@ -1,0 +1,295 @@
+"""VolumeWatcher against real inotify on tmp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import inotify_simple
+import pytest
+import pytest_asyncio
+from inotify_simple import Event, flags
+
+from syncmesh_plugin.watcher import Changes, VolumeWatcher, WatchLimitError
+
+
+class Collector:
+    """Accumulates every delivered batch and lets a test await a condition on them."""
+
+    def __init__(self) -> None:
+        self.batches: list[Changes] = []
+        self._event = asyncio.Event()
+
+    def __call__(self, changes: Changes) -> None:
+        self.batches.append(changes)
+        self._event.set()
+
+    @property
+    def paths(self) -> set[str]:
+        return set().union(*(b.paths for b in self.batches))
+
+    @property
+    def moves(self) -> list[tuple[str, str]]:
+        return [m for b in self.batches for m in b.moves]
+
+    @property
+    def rescans(self) -> int:
+        return sum(b.rescan for b in self.batches)
+
+    def count(self, rel: str) -> int:
+        return sum(rel in b.paths for b in self.batches)
+
+    async def wait(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self._event.clear()
+                await self._event.wait()
+
+    def clear(self) -> None:
+        self.batches.clear()
+
+
+Made = tuple[VolumeWatcher, Collector]
+
+
+@pytest_asyncio.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Made]]:
+    watchers: list[VolumeWatcher] = []
+
+    def _make(root: Path | None = None, **kw: object) -> Made:
+        col = Collector()
+        w = VolumeWatcher(str(root or tmp_path / "vol"), col, **kw)  # type: ignore[arg-type]
+        w.start()
+        watchers.append(w)
+        return w, col
+
+    (tmp_path / "vol").mkdir()
+    yield _make
+    for w in watchers:
+        w.stop()
+
+
+async def settle(seconds: float = 0.1) -> None:
+    await asyncio.sleep(seconds)
+
+
+@pytest.mark.asyncio
+async def test_create_write_close_reported_once(make: Callable[..., Made], tmp_path: Path) -> None:
+    w, col = make()
+    with open(tmp_path / "vol" / "f.txt", "w") as f:
+        f.write("hello")
+        f.flush()
+        await settle(0.05)
+        assert "f.txt" not in col.paths  # still open for writing: held back
+        f.write(" world")
+    await col.wait(lambda: "f.txt" in col.paths)
+    await settle()
+    assert col.count("f.txt") == 1
+    assert col.rescans == 0
+    assert w.watch_count == 1
+
+
+@pytest.mark.asyncio
+async def test_nested_mkdir_then_file_race(make: Callable[..., Made], tmp_path: Path) -> None:
+    w, col = make()
+    vol = tmp_path / "vol"
+    (vol / "a" / "b" / "c").mkdir(parents=True)
+    (vol / "a" / "b" / "c" / "f").write_text("x")  # created before the watch on c may exist
+    want = {"a", "a/b", "a/b/c", "a/b/c/f"}
+    await col.wait(lambda: want <= col.paths)
+    await col.wait(lambda: w.watch_count == 4)
+    (vol / "a" / "b" / "c" / "g").write_text("y")
+    await col.wait(lambda: "a/b/c/g" in col.paths)
+
+
+@pytest.mark.asyncio
+async def test_file_rename_within_and_across_dirs(make: Callable[..., Made], tmp_path: Path) -> None:
+    _, col = make()
+    vol = tmp_path / "vol"
+    (vol / "d").mkdir()
+    (vol / "f").write_text("x")
+    await col.wait(lambda: {"d", "f"} <= col.paths)
+    col.clear()
+    os.rename(vol / "f", vol / "g")
+    await col.wait(lambda: ("f", "g") in col.moves)
+    assert {"f", "g"} <= col.paths
+    os.rename(vol / "g", vol / "d" / "g")
+    await col.wait(lambda: ("g", "d/g") in col.moves)
+    assert {"g", "d/g"} <= col.paths
+
+
+@pytest.mark.asyncio
+async def test_directory_rename_remaps_subtree(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    (vol / "x" / "y").mkdir(parents=True)
+    (vol / "other").mkdir()
+    w, col = make()
+    assert w.watch_count == 4
+    os.rename(vol / "x", vol / "other" / "z")
+    await col.wait(lambda: ("x", "other/z") in col.moves)
+    assert w.watch_count == 4  # re-mapped, not re-added
+    col.clear()
+    (vol / "other" / "z" / "y" / "new.txt").write_text("n")
+    await col.wait(lambda: "other/z/y/new.txt" in col.paths)
+    assert not any(p.startswith("x") for p in col.paths)
+
+
+@pytest.mark.asyncio
+async def test_delete_and_chmod_reported(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    (vol / "del").write_text("x")
+    (vol / "mod").write_text("x")
+    (vol / "sub").mkdir()
+    w, col = make()
+    (vol / "del").unlink()
+    os.chmod(vol / "mod", 0o600)
+    (vol / "sub").rmdir()
+    await col.wait(lambda: {"del", "mod", "sub"} <= col.paths)
+    await col.wait(lambda: w.watch_count == 1)
+
+
+@pytest.mark.asyncio
+async def test_ignore_predicate_and_tmp_prefix(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    (vol / "cache").mkdir()
+    w, col = make(ignore=lambda rel: rel == "cache" or rel.startswith("cache/") or rel.endswith(".log"))
+    assert w.watch_count == 1  # ignored dir is not watched
+    (vol / "cache" / "f").write_text("x")
+    (vol / "app.log").write_text("x")
+    (vol / ".syncmesh-tmp-x").write_text("x")
+    os.rename(vol / ".syncmesh-tmp-x", vol / "final")
+    (vol / "ok").write_text("x")
+    await col.wait(lambda: {"final", "ok"} <= col.paths)
+    await settle()
+    assert col.paths == {"final", "ok"}
+    assert col.moves == []  # tmp -> final looks like a new file, not a move
+
+
+@pytest.mark.asyncio
+async def test_symlink_to_dir_is_a_file_entry(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    w, col = make()
+    os.symlink(outside, vol / "link")
+    await col.wait(lambda: "link" in col.paths)
+    assert w.watch_count == 1
+    (outside / "f").write_text("x")
+    await settle()
+    assert "link/f" not in col.paths
+
+
+@pytest.mark.asyncio
+async def test_dir_moved_in_and_out(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    outside = tmp_path / "outside"
+    (outside / "s").mkdir(parents=True)
+    (outside / "s" / "f1").write_text("1")
+    (outside / "top").write_text("t")
+    w, col = make()
+    os.rename(outside, vol / "in")
+    await col.wait(lambda: {"in", "in/s", "in/s/f1", "in/top"} <= col.paths)
+    assert w.watch_count == 3
+    os.rename(vol / "in", tmp_path / "gone")
+    await col.wait(lambda: w.watch_count == 1)
+    col.clear()
+    (tmp_path / "gone" / "s" / "later").write_text("x")
+    (vol / "marker").write_text("x")
+    await col.wait(lambda: "marker" in col.paths)
+    assert not any("later" in p for p in col.paths)
+
+
+@pytest.mark.asyncio
+async def test_unclosed_write_reported_after_quiet_period(make: Callable[..., Made], tmp_path: Path) -> None:
+    w, col = make()
+    w.open_write_timeout = 0.2
+    with open(tmp_path / "vol" / "held", "w") as f:
+        f.write("data")
+        f.flush()
+        await settle(0.1)
+        assert "held" not in col.paths
+        await col.wait(lambda: "held" in col.paths, timeout=2)
+    await col.wait(lambda: col.count("held") == 2)  # the close is a commit point again
+
+
+@pytest.mark.asyncio
+async def test_synthetic_overflow_requests_rescan_and_keeps_watching(
+    make: Callable[..., Made], tmp_path: Path
+) -> None:
+    vol = tmp_path / "vol"
+    (vol / "d").mkdir()
+    w, col = make()
+    w.handle_events([Event(-1, flags.Q_OVERFLOW, 0, "")])
+    assert w.overflows == 1
+    await col.wait(lambda: col.rescans == 1)
+    assert w.watch_count == 2 and not w.degraded
+    (vol / "d" / "after").write_text("x")
+    await col.wait(lambda: "d/after" in col.paths)
+
+
+@pytest.mark.asyncio
+async def test_burst_of_2000_files_all_reported(make: Callable[..., Made], tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    (vol / "burst").mkdir()
+    _, col = make()
+    names = {f"burst/f{i:04d}" for i in range(2000)}
+    for rel in names:
+        with open(vol / rel, "wb") as f:
+            f.write(b"x" * 64)
+    await col.wait(lambda: names <= col.paths, timeout=5)
+    assert col.rescans == 0
+
+
+def _enospc_after(limit: int) -> Callable[..., int]:
+    real = inotify_simple.INotify.add_watch
+    calls = {"n": 0}
+
+    def fake(self: inotify_simple.INotify, path: str, mask: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, path, mask)
+
+    return fake
+
+
+@pytest.mark.asyncio
+async def test_watch_limit_at_start_degrades(
+    make: Callable[..., Made], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = tmp_path / "vol"
+    for d in ("a", "b", "c"):
+        (vol / d).mkdir()
+    monkeypatch.setattr(inotify_simple.INotify, "add_watch", _enospc_after(1))
+    w, col = make()
+    assert w.degraded
+    assert w.degraded_reason is not None and "needs ~4 watches" in w.degraded_reason
+    assert "max_user_watches=" in w.degraded_reason
+    assert "sysctl fs.inotify.max_user_watches=" in w.degraded_reason
+    assert isinstance(w.watch_limit_error, WatchLimitError) and w.watch_limit_error.needed == 4
+    await col.wait(lambda: col.rescans >= 1)
+    (vol / "rootfile").write_text("x")  # the watches that did fit keep working
+    await col.wait(lambda: "rootfile" in col.paths)
+
+
+@pytest.mark.asyncio
+async def test_watch_limit_at_runtime_degrades(
+    make: Callable[..., Made], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, col = make()
+    assert not w.degraded
+    monkeypatch.setattr(inotify_simple.INotify, "add_watch", _enospc_after(0))
+    (tmp_path / "vol" / "newdir").mkdir()
+    await col.wait(lambda: col.rescans >= 1 and "newdir" in col.paths)
+    assert w.degraded and "max_user_watches" in (w.degraded_reason or "")
+
+
+@pytest.mark.asyncio
+async def test_root_deleted_degrades(make: Callable[..., Made], tmp_path: Path) -> None:
+    w, col = make()
+    (tmp_path / "vol").rmdir()
+    await col.wait(lambda: col.rescans >= 1)
+    assert w.degraded and w.watch_count == 0
