@@ -335,11 +335,18 @@ class VolumeSync:
                 return
             paths, self.dirty = self.dirty, set()
             metrics.pending_items.labels(self.name).set(0)
-            # A vanished directory takes every indexed path below it with it.
+            # A vanished directory takes every indexed path below it with it; a directory new to the
+            # index (created, or renamed within the volume) brings everything below it.
             for p in list(paths):
                 rec = self.state.file(self.name, p)
                 if rec is not None and rec.kind == "dir" and localfs.lstat(self.root, p) is None:
                     paths.update(r.path for r in self.state.files(self.name, p) if r.kind != "deleted")
+                elif rec is None or rec.kind != "dir":
+                    sub = os.path.join(self.root, p)
+                    if os.path.isdir(sub) and not os.path.islink(sub):
+                        paths.update(await asyncio.to_thread(
+                            lambda p=p, sub=sub: [f"{p}/{rel}" for rel, _ in localfs.walk(
+                                sub, lambda r, d, p=p: self._ignored_path(f"{p}/{r}", d))]))
             recs = {p: self.state.file(self.name, p) for p in paths}
             now = time.time()
             node = self.ctx.node_id
