@@ -38,3 +38,41 @@ test: install deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# ---- Docker packaging and end-to-end tests (see plugin/build.sh, tests/e2e/)
+PLUGIN_NAME ?= syncmesh/syncmesh-plugin
+PLUGIN_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' syncmesh_plugin/__init__.py)
+PLUGIN_REF := $(PLUGIN_NAME):$(PLUGIN_VERSION)
+DOCKER ?= docker
+# e.g. make plugin-enable PLUGIN_SETTINGS="SYNCMESH_ETCD_ENDPOINTS=http://10.0.0.5:2379 SYNCMESH_NODE_ID=n1"
+PLUGIN_SETTINGS ?=
+E2E_APT := docker.io:dockerd busybox-static:busybox mmdebstrap:mmdebstrap iproute2:ip iptables:iptables etcd-server:etcd
+
+.PHONY: plugin plugin-enable plugin-push e2e-deps
+
+# plugin/dist = config.json + rootfs/ (Debian bookworm python3 via mmdebstrap + our wheel), then
+# `docker plugin create $(PLUGIN_REF) plugin/dist`. The Debian base is cached in plugin/cache/.
+plugin: install
+	@command -v mmdebstrap >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null; }
+	PLUGIN_NAME=$(PLUGIN_NAME) DOCKER="$(DOCKER)" PYTHON=$(CURDIR)/$(BIN)/python plugin/build.sh
+
+plugin-enable:
+	-@$(DOCKER) plugin disable -f $(PLUGIN_REF) >/dev/null 2>&1
+	$(if $(strip $(PLUGIN_SETTINGS)),$(DOCKER) plugin set $(PLUGIN_REF) $(PLUGIN_SETTINGS),)
+	$(DOCKER) plugin enable --timeout 120 $(PLUGIN_REF)
+	$(DOCKER) plugin ls
+
+# PLUGIN_NAME must name a repository on a registry you are logged in to (registry/org/syncmesh).
+plugin-push:
+	$(DOCKER) plugin push $(PLUGIN_REF)
+
+e2e-deps:
+	@need=""; for p in $(E2E_APT); do command -v $${p#*:} >/dev/null 2>&1 || need="$$need $${p%%:*}"; done; \
+	if [ -n "$$need" ]; then echo "apt-get install$$need"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; fi
+
+# Real dockerd (started if none answers), legacy and managed plugin, two hosts in network namespaces.
+# Needs root. Not part of `make test`.
+e2e: install e2e-deps
+	$(BIN)/python -m pytest tests/e2e -m e2e -v -p no:cacheprovider $(E2E_ARGS)

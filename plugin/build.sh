@@ -54,6 +54,7 @@ if [ ! -s "$BASE" ]; then
     --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
     "$SUITE" "$BASE.part.tar" "$MIRROR"   # the .tar suffix selects the tarball format
   mv "$BASE.part.tar" "$BASE"
+  find "$CACHE" -maxdepth 1 -name 'base-*.tar' ! -name "base-$key.tar" -delete   # stale bases
   say "base built ($(du -h "$BASE" | cut -f1))"
 else
   say "using cached base $BASE"
@@ -62,7 +63,8 @@ fi
 # The project's wheel plus its dependencies, installed for the rootfs's python3 (3.11, x86_64 glibc).
 say "building wheel and installing it with its dependencies"
 rm -rf "$CACHE/wheel" "$CACHE/site"
-"$PYTHON" -m pip wheel -q --no-deps -w "$CACHE/wheel" "$ROOT" >/dev/null 2> >(grep -v "is ignored: it is neither" >&2)
+"$PYTHON" -m pip wheel -q --no-deps -w "$CACHE/wheel" "$ROOT" >"$CACHE/wheel.log" 2>&1 \
+  || { cat "$CACHE/wheel.log" >&2; exit 1; }
 rm -rf "$ROOT/build"   # setuptools' scratch dir
 "$PYTHON" -m pip install -q --no-compile --target "$CACHE/site" \
   --python-version 3.11 --implementation cp --abi cp311 \
