@@ -282,8 +282,8 @@ def _validate(cfg: Config) -> Config:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{section}.{key}: file not found: {path}")
     if not cfg.node_id:
-        host = socket.gethostname().split(".")[0] or "node"
-        cfg = dataclasses.replace(cfg, node_id=re.sub(r"[^A-Za-z0-9_.-]", "-", host)[:63])
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]).lstrip("_.-")[:63]
+        cfg = dataclasses.replace(cfg, node_id=host or "node")
     return cfg
 
 
@@ -320,11 +320,11 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     return _validate(_build(Config, values))
 
 
-def _mask(value: Any) -> Any:
+def _mask(value: Any, masked: bool = True) -> Any:
     if isinstance(value, Secret):
-        return "********" if value else ""
+        return ("********" if value else "") if masked else str(value)
     if isinstance(value, list):
-        return [_mask(v) for v in value]
+        return [_mask(v, masked) for v in value]
     return value
 
 
@@ -338,8 +338,8 @@ def as_dict(cfg: Config, masked: bool = True) -> dict[str, Any]:
             if dataclasses.is_dataclass(v):
                 out[f.name] = conv(v)
             else:
-                v = _mask(v) if masked else v
-                out[f.name] = float(v) if isinstance(v, Duration) else (list(v) if isinstance(v, list) else v)
+                v = _mask(v, masked)
+                out[f.name] = float(v) if isinstance(v, Duration) else v
         return out
 
     return conv(cfg)

@@ -340,7 +340,7 @@ class VolumeSync:
             for p in list(paths):
                 rec = self.state.file(self.name, p)
                 if rec is not None and rec.kind == "dir" and localfs.lstat(self.root, p) is None:
-                    paths.update(r.path for r in self.state.files(self.name, p) if r.kind != "deleted")
+                    paths.update(x.path for x in self.state.files(self.name, p) if x.kind != "deleted")
                 elif rec is None or rec.kind != "dir":
                     sub = os.path.join(self.root, p)
                     if os.path.isdir(sub) and not os.path.islink(sub):

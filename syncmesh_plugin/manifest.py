@@ -94,8 +94,8 @@ def decode(raw: bytes) -> Manifest:
         raise ManifestError("manifest larger than 2 MiB")
     try:
         d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(d, dict):
         raise ManifestError("manifest must be a JSON object")
     kind = d.get("k")

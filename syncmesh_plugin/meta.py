@@ -150,6 +150,11 @@ class EtcdStore:
         server_name = self.cfg.tls_server_name or (urlsplit(self.endpoints[0]).hostname if tls else None)
         client = Etcd3Client(resolved, tls_server_name=server_name or None, rpc_max_attempts=2,
                              watch_max_reconnect_backoff_seconds=2.0, **tls)
+        # gRPC's default reconnect backoff grows to 120 s: after an etcd restart we would sit idle for
+        # minutes. Reconnect within a couple of seconds instead.
+        client._manager.grpc_options.extend([
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000)])
         await client.connect()
         self._client = client
         try:

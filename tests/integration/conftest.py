@@ -61,7 +61,7 @@ class Etcd:
         binary = shutil.which("etcd")
         assert binary, "etcd binary not found (apt-get install etcd-server)"
         c, p = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.dir / "etcd.log", "ab")  # noqa: SIM115
+        log = open(self.dir / "etcd.log", "ab")
         self.proc = subprocess.Popen(
             [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
              "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
@@ -94,7 +94,8 @@ class Etcd:
         import base64
 
         k = key if isinstance(key, bytes) else key.encode()
-        r = self.etcd_api("/v3/kv/put", {"key": base64.b64encode(k).decode(), "value": base64.b64encode(value).decode()})
+        r = self.etcd_api("/v3/kv/put", {"key": base64.b64encode(k).decode(),
+                                         "value": base64.b64encode(value).decode()})
         return int(r["header"]["revision"])
 
     def get(self, key: str | bytes) -> bytes | None:
@@ -147,7 +148,7 @@ class Node:
         self.log_path = self.base / "daemon.log"
 
     def start(self, wait: bool = True) -> Node:
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(BIN), "serve"], env=self.env, stdout=log, stderr=log,
                                      start_new_session=True)
         if wait:

@@ -68,7 +68,7 @@ def test_rename_file_and_tree_moves_no_data(cluster, volume):
 
 
 def _metric(n: Node, name: str) -> float:
-    code, body = n.http("GET", "/metrics")
+    _code, body = n.http("GET", "/metrics")
     text = body.decode() if isinstance(body, bytes) else str(body)
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

@@ -395,8 +395,8 @@ def test_explicit_node_id_wins_over_hostname(hostname: None) -> None:
     assert load_config(None, {"SYNCMESH_NODE_ID": "explicit"}).node_id == "explicit"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a host name starting with '_' or '-' yields a defaulted node_id that "
-                                       "violates the node_id rule enforced for explicit values (config.py _validate)")
+
+
 def test_defaulted_node_id_obeys_the_node_id_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config_mod.socket, "gethostname", lambda: "_build-host")
     node_id = load_config(None, {}).node_id
@@ -452,8 +452,8 @@ def test_as_dict_unmasked_reveals_secrets(hostname: None) -> None:
     assert d["etcd"]["password"] == "hunter2"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: as_dict(masked=False) returns Secret (a str subclass) values, so it "
-                                       "is not 'plain data' as documented and yaml.safe_dump raises RepresenterError")
+
+
 def test_as_dict_unmasked_is_plain_data(hostname: None) -> None:
     d = as_dict(load_config(None, {"SYNCMESH_ETCD_PASSWORD": "hunter2"}), masked=False)
     assert type(d["etcd"]["password"]) is str
