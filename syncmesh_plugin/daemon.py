@@ -255,9 +255,11 @@ class Daemon:
 
     async def _fetch(self, volume: str, ids: list[str], peers: list[str]) -> dict[str, bytes]:
         assert self.peer_client is not None
-        before = self.transfer_metrics.bytes_received
+        tm = self.transfer_metrics
+        before, corrupt = tm.bytes_received, tm.corrupt
         got = await self.peer_client.fetch(volume, ids, peers, compress=self.cfg.sync.compression_enabled)
-        metrics.bytes_received.inc(self.transfer_metrics.bytes_received - before)
+        metrics.bytes_received.inc(tm.bytes_received - before)
+        metrics.corrupt_chunks.inc(tm.corrupt - corrupt)
         return got
 
     # ---- health

@@ -129,6 +129,9 @@ class VolumeSync:
         self.status = VolumeStatus()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        # Remote changes whose chunks no peer could serve yet: retried, and the stored watch revision
+        # never moves past them, so a restart replays them instead of forgetting them.
+        self.deferred: dict[str, _Pending] = {}
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -142,7 +145,8 @@ class VolumeSync:
                         self.watcher.degraded_reason, self.ctx.interval)
         self._tasks = [asyncio.create_task(self._run(), name=f"sync-{self.name}"),
                        asyncio.create_task(self._publisher(), name=f"publish-{self.name}"),
-                       asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}")]
+                       asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}"),
+                       asyncio.create_task(self._retry_deferred(), name=f"retry-{self.name}")]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -224,7 +228,10 @@ class VolumeSync:
                 if items:
                     async with self.lock:
                         await self._apply(items)
-            self.state.set_revision(self.name, batch.revision)
+            safe = batch.revision
+            if self.deferred:
+                safe = min(safe, min(p.rev for p in self.deferred.values()) - 1)
+            self.state.set_revision(self.name, safe)
             self.status.revision = batch.revision
             self.status.last_error = ""
             if batch.revision >= ready_at:
@@ -267,6 +274,22 @@ class VolumeSync:
             self.state.set_revision(self.name, rev)
         await self._flush()
         return rev
+
+    async def _retry_deferred(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if not self.deferred or not self.ctx.etcd_ready.is_set():
+                delay = 1.0
+                continue
+            async with self.lock:
+                items, self.deferred = list(self.deferred.values()), {}
+                try:
+                    await self._apply(items)
+                except EtcdUnavailable:
+                    for it in items:
+                        self.deferred.setdefault(it.rel, it)
+            delay = min(delay * 2, 30.0) if self.deferred else 1.0
 
     # ---- publishing
     async def _publisher(self) -> None:
@@ -458,16 +481,21 @@ class VolumeSync:
             self.status.conflicts += 1
             stamp = datetime.now(UTC)
             if self._local_wins(local, remote):
-                ok, rev = await store.cas_put_many([(key, local.encode(), kv.mod_revision)])
+                ops = []
+                copy = ""
+                if self.keep_copies and remote.kind == "file" and local.kind != "deleted":
+                    # The loser's content is kept under a conflict name, published in the same
+                    # transaction and before the overwrite: a node that holds only the losing version
+                    # sees both in one batch and builds the copy from its local file before replacing it.
+                    copy = conflict_name(rel, stamp, remote.origin or "unknown")
+                    remote.ts = time.time()
+                    ops.append((store.file_key(self.name, copy), remote.encode(), 0))
+                ops.append((key, local.encode(), kv.mod_revision))
+                ok, rev = await store.cas_put_many(ops)
                 if not ok:
                     continue
                 self._published([(rel, local, fs)], rev)
-                if self.keep_copies and remote.kind == "file" and local.kind != "deleted":
-                    # The loser's content is kept under a conflict name; its chunks are on its origin.
-                    copy = conflict_name(rel, stamp, remote.origin or "unknown")
-                    ckey = store.file_key(self.name, copy)
-                    remote.ts = time.time()
-                    await store.cas_put_many([(ckey, remote.encode(), 0)])
+                if copy:
                     self._record_conflict(rel, copy, self.ctx.node_id, remote.origin)
                 return
             # The remote version wins: move our content aside (no copy), then take theirs.
@@ -498,6 +526,9 @@ class VolumeSync:
             cur = latest.get(it.rel)
             if cur is None or it.rev > cur.rev:
                 latest[it.rel] = it
+            old = self.deferred.get(it.rel)
+            if old is not None and old.rev <= it.rev:
+                del self.deferred[it.rel]  # superseded by a newer version of the same path
         todo: list[_Pending] = []
         for it in latest.values():
             it.rec = self.state.file(self.name, it.rel)
@@ -607,6 +638,12 @@ class VolumeSync:
         return None
 
     async def _apply_files(self, files: list[_Pending]) -> None:
+        # New paths first (conflict copies, rename targets): their chunks may live in files that the
+        # same batch is about to overwrite.
+        new = [it for it in files if it.rec is None or it.rec.kind == "deleted"]
+        if new and len(new) < len(files):
+            await self._apply_files(new)
+            files = [it for it in files if not (it.rec is None or it.rec.kind == "deleted")]
         small: list[_Pending] = []
         for it in files:
             rec, m = it.rec, it.m
@@ -624,7 +661,10 @@ class VolumeSync:
             if m.kind == "file" and m.renamed_from and await self._try_local_rename(it):
                 continue
             if m.kind == "file" and m.size > STREAM_THRESHOLD:
-                await self._apply_large(it)
+                try:
+                    await self._apply_large(it)
+                except FetchError as exc:
+                    self._defer(it, exc)
             else:
                 small.append(it)
         # Waves bounded in memory: all chunks a wave lacks are fetched in one batched call.
@@ -683,9 +723,22 @@ class VolumeSync:
                                  f"({', '.join(peers) or 'no peers'})")
         return got, locs
 
+    def _defer(self, it: _Pending, exc: BaseException) -> None:
+        if it.rel not in self.deferred:
+            log.warning("volume %s: %s deferred: %s", self.name, it.rel, exc)
+        self.deferred[it.rel] = it
+
     async def _apply_wave(self, wave: list[_Pending]) -> None:
         origins = [it.m.origin for it in wave if it.m.inline is None and it.m.kind == "file"]
-        got, _ = await self._gather(wave, origins[0] if origins else "")
+        try:
+            got, _ = await self._gather(wave, origins[0] if origins else "")
+        except FetchError as exc:
+            if len(wave) == 1:
+                self._defer(wave[0], exc)
+                return
+            for it in wave:  # find which files lack chunks; apply the others now
+                await self._apply_wave([it])
+            return
 
         def write() -> list[tuple[_Pending, int, str]]:
             staged = []

@@ -112,6 +112,13 @@ def unix_post(sock: str, path: str, body: dict[str, Any], timeout: float = 30) -
         c.close()
 
 
+def node_health(base_url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/api/v1/health", timeout=3) as r:
+        return json.loads(r.read())
+
+
 def busybox_rootfs_tar(dest: Path) -> Path:
     """A busybox image tarball: /bin/busybox from busybox-static plus one symlink per applet."""
     bb = shutil.which("busybox")
@@ -392,6 +399,12 @@ class ManagedHost:
         self.dockerd.cli("plugin", "enable", "--timeout", "120", self.ref)
         self.timings["plugin_enable"] = time.monotonic() - t
         self.plugin_id = self.dockerd.cli("plugin", "inspect", "-f", "{{.Id}}", self.ref).stdout.strip()
+        # `enable` returns once the socket listens; etcd connects right after (a Create before that
+        # is refused with "cluster unavailable"). The node API is reachable from here over the bridge.
+        t = time.monotonic()
+        wait_for(lambda: node_health(f"http://{self.net.addr(self.n)}:7946")["components"]["etcd"]["ok"], 30,
+                 f"{self.node_id}'s plugin to connect to etcd")
+        self.timings["plugin_ready_after_enable"] = time.monotonic() - t
         return self
 
     def mountpoint(self, volume: str) -> Path:
