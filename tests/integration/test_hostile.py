@@ -63,7 +63,7 @@ def test_hostile_paths_from_etcd_are_rejected(cluster, etcd, volume, tmp_path):
 class _LyingPeer(BaseHTTPRequestHandler):
     """Answers every chunk request with bytes that do not match the chunk id."""
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         out = b""
         for cid in body["ids"]:
@@ -74,7 +74,7 @@ class _LyingPeer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         frame = b"\x00" + b"lies" * 1000
         self.send_response(200)
         self.send_header("Content-Length", str(len(frame)))

@@ -1,0 +1,279 @@
+"""A local multi-node cluster on one machine: a real etcd and real daemons as separate processes.
+
+Used by the integration tests and the benchmarks, so both drive the product exactly as a user does:
+through the Docker plugin socket, the HTTP API and the volume directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent / "syncmesh-plugin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except (OSError, ConnectionError, http.client.HTTPException, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Etcd:
+    """A real etcd server on free loopback ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        binary = shutil.which("etcd")
+        assert binary, "etcd binary not found (apt-get install etcd-server)"
+        c, p = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.dir / "etcd.log", "ab")
+        self.proc = subprocess.Popen(
+            [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
+             "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
+             "--initial-cluster", f"t={p}"], stdout=log, stderr=log, start_new_session=True)
+        wait_for(self._up, 20, what="etcd to listen")
+
+    def _up(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5):
+            return True
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def etcd_api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """etcd's JSON gateway (v3): used by tests to plant hostile values and compact history."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=10)
+        conn.request("POST", path, json.dumps(body))
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
+        conn.close()
+        return data
+
+    def put(self, key: str | bytes, value: bytes) -> int:
+        import base64
+
+        k = key if isinstance(key, bytes) else key.encode()
+        r = self.etcd_api("/v3/kv/put", {"key": base64.b64encode(k).decode(),
+                                         "value": base64.b64encode(value).decode()})
+        return int(r["header"]["revision"])
+
+    def get(self, key: str | bytes) -> bytes | None:
+        import base64
+
+        k = key if isinstance(key, bytes) else key.encode()
+        r = self.etcd_api("/v3/kv/range", {"key": base64.b64encode(k).decode()})
+        kvs = r.get("kvs") or []
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
+    def compact(self) -> int:
+        r = self.etcd_api("/v3/kv/range", {"key": "AA=="})
+        rev = int(r["header"]["revision"])
+        self.etcd_api("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        return rev
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 130) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.path)
+        self.sock = s
+
+
+class Node:
+    """One syncmesh daemon as a separate process, with its own data root, socket and port."""
+
+    def __init__(self, base: Path, name: str, etcd: Etcd | None, prefix: str, **env: str) -> None:
+        self.name = name
+        self.base = base / name
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.data_root = self.base / "data"
+        self.socket = str(self.base / "plugin.sock")
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "SYNCMESH_NODE_ID": name, "SYNCMESH_DATA_ROOT": str(self.data_root), "SYNCMESH_PLUGIN_SOCKET": self.socket,
+            "SYNCMESH_SERVER_HOST": "127.0.0.1", "SYNCMESH_SERVER_PORT": str(self.port),
+            "SYNCMESH_ETCD_ENDPOINTS": etcd.endpoint if etcd else "", "SYNCMESH_ETCD_PREFIX": prefix,
+            "SYNCMESH_LOG_FORMAT": "text", "SYNCMESH_LOG_LEVEL": "info", "SYNCMESH_SYNC_INTERVAL": "30s",
+            **env,
+        }
+        self.env = {k: v for k, v in self.env.items() if not (k == "SYNCMESH_ETCD_ENDPOINTS" and not v)}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.base / "daemon.log"
+
+    def start(self, wait: bool = True) -> Node:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(BIN), "serve"], env=self.env, stdout=log, stderr=log,
+                                     start_new_session=True)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20) -> None:
+        def ok() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            code, _ = self.http("GET", "/api/v1/health")
+            return code == 200
+
+        wait_for(ok, timeout, what=f"{self.name} healthy")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def docker(self, method: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        """Call the plugin socket the way dockerd does: POST, JSON, no Content-Type."""
+        conn = UnixHTTP(self.socket)
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode() + b"\n")
+        conn.putrequest("POST", f"/{method}", skip_accept_encoding=True)
+        conn.putheader("Accept", "application/vnd.docker.plugins.v1.2+json")
+        conn.putheader("Content-Length", str(len(payload)))
+        conn.endheaders(payload)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, json.loads(data)
+
+    def ok(self, method: str, body: Any = None) -> dict[str, Any]:
+        code, data = self.docker(method, body)
+        assert code == 200 and not data.get("Err"), f"{self.name} {method} {body}: {code} {data}"
+        return data
+
+    def http(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(method, path, body)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        try:
+            return resp.status, json.loads(data)
+        except ValueError:
+            return resp.status, data
+
+    def vol(self, name: str) -> Path:
+        return self.data_root / "volumes" / name / "_data"
+
+    def mount(self, name: str, mount_id: str | None = None) -> Path:
+        data = self.ok("VolumeDriver.Mount", {"Name": name, "ID": mount_id or uuid.uuid4().hex})
+        return Path(data["Mountpoint"])
+
+
+def tree(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Content digest of a whole tree: kind, content hash / target, mode. Temp files excluded."""
+    out: dict[str, tuple[Any, ...]] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if name.startswith(".syncmesh-tmp-"):
+                continue
+            st = p.lstat()
+            mode = st.st_mode & 0o7777
+            if p.is_symlink():
+                out[rel] = ("symlink", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", mode)
+            else:
+                h = hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+                out[rel] = ("file", h, mode)
+    return out
+
+
+def converged(nodes: list[Node], volume: str, timeout: float = 30.0,
+              expect: Callable[[dict[str, tuple[Any, ...]]], bool] | None = None) -> dict[str, tuple[Any, ...]]:
+    """Wait until every node holds the same tree (and it satisfies `expect`); return it."""
+
+    def same() -> dict[str, tuple[Any, ...]] | None:
+        trees = [tree(n.vol(volume)) for n in nodes]
+        if all(t == trees[0] for t in trees[1:]) and (expect is None or expect(trees[0])):
+            return trees[0] or {"": ("empty",)}
+        return None
+
+    try:
+        return wait_for(same, timeout, interval=0.1, what=f"{volume} to converge")
+    except AssertionError:
+        trees = [tree(n.vol(volume)) for n in nodes]
+        diff = {}
+        keys = set().union(*trees)
+        for k in sorted(keys):
+            vals = [t.get(k) for t in trees]
+            if any(v != vals[0] for v in vals):
+                diff[k] = vals
+        raise AssertionError(f"{volume} did not converge; differences (first 20): "
+                             f"{dict(list(diff.items())[:20])}; {len(diff)} in all") from None
+
+
+def write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    path.write_bytes(data)
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    t0 = time.monotonic()
+    yield lambda: time.monotonic() - t0
