@@ -358,30 +358,18 @@ class VolumeSync:
                 return
             paths, self.dirty = self.dirty, set()
             metrics.pending_items.labels(self.name).set(0)
-            # A vanished directory takes every indexed path below it with it; a directory new to the
-            # index (created, or renamed within the volume) brings everything below it.
-            for p in list(paths):
-                rec = self.state.file(self.name, p)
-                if rec is not None and rec.kind == "dir" and localfs.lstat(self.root, p) is None:
-                    paths.update(x.path for x in self.state.files(self.name, p) if x.kind != "deleted")
-                elif rec is None or rec.kind != "dir":
-                    sub = os.path.join(self.root, p)
-                    if os.path.isdir(sub) and not os.path.islink(sub):
-                        paths.update(await asyncio.to_thread(
-                            lambda p=p, sub=sub: [f"{p}/{rel}" for rel, _ in localfs.walk(
-                                sub, lambda r, d, p=p: self._ignored_path(f"{p}/{r}", d))]))
-            recs = {p: self.state.file(self.name, p) for p in paths}
+            recs, stats = await self._expand(paths)
+            paths = set(stats)
             now = time.time()
             node = self.ctx.node_id
 
             def build() -> tuple[list[tuple[str, Manifest, FileStat | None]], set[str]]:
                 out: list[tuple[str, Manifest, FileStat | None]] = []
                 unstable: set[str] = set()
-                stats = {p: localfs.lstat(self.root, p) for p in paths}
-                gone = {p: r for p, r in recs.items() if stats[p] is None and r is not None and r.kind == "file"}
+                gone = {p: r for p, r in recs.items() if stats.get(p) is None and r.kind == "file"}
                 by_inode = {(r.inode, r.size, r.mtime_ns): p for p, r in gone.items()}
                 for p in sorted(paths):
-                    fs, rec = stats[p], recs[p]
+                    fs, rec = stats[p], recs.get(p)
                     if fs is None:
                         if rec is not None and rec.kind != "deleted":
                             out.append((p, Manifest(kind="deleted", origin=node, ts=now), None))
@@ -417,11 +405,40 @@ class VolumeSync:
                 self.dirty.update(p for p, _, _ in built)
                 raise
 
+    async def _expand(self, paths: set[str]) -> tuple[dict[str, FileRecord], dict[str, FileStat | None]]:
+        """Index records and current stats of the dirty paths, grown to whole subtrees where needed.
+
+        A vanished directory takes every indexed path below it with it; a directory new to the index
+        (created, or renamed within the volume) brings everything below it."""
+        recs: dict[str, FileRecord] = {}
+        stats: dict[str, FileStat | None] = {}
+        todo = set(paths)
+        while todo:
+            recs.update(self.state.files_for(self.name, todo))
+
+            def look(todo: set[str] = todo) -> tuple[dict[str, FileStat | None], set[str]]:
+                st = {p: localfs.lstat(self.root, p) for p in todo}
+                found: set[str] = set()
+                for p, fs in st.items():
+                    rec = recs.get(p)
+                    if fs is not None and fs.kind == "dir" and (rec is None or rec.kind != "dir"):
+                        found.update(f"{p}/{rel}" for rel, _ in localfs.walk(
+                            os.path.join(self.root, p), lambda r, d, p=p: self._ignored_path(f"{p}/{r}", d)))
+                return st, found
+
+            new_stats, more = await asyncio.to_thread(look)
+            stats.update(new_stats)
+            for p, fs in new_stats.items():
+                rec = recs.get(p)
+                if fs is None and rec is not None and rec.kind == "dir":
+                    more.update(x.path for x in self.state.files(self.name, p) if x.kind != "deleted")
+            todo = more - stats.keys()
+        return recs, stats
+
     async def _publish(self, batch: list[tuple[str, Manifest, FileStat | None]],
-                       recs: dict[str, FileRecord | None]) -> None:
+                       recs: dict[str, FileRecord]) -> None:
         store = self.store
-        items = [(store.file_key(self.name, p), m.encode(), (recs.get(p).rev if recs.get(p) else 0))
-                 for p, m, _ in batch]
+        items = [(store.file_key(self.name, p), m.encode(), r.rev if (r := recs.get(p)) else 0) for p, m, _ in batch]
         ok, rev = await store.cas_put_many(items)
         if ok:
             self._published(batch, rev)
@@ -530,8 +547,9 @@ class VolumeSync:
             if old is not None and old.rev <= it.rev:
                 del self.deferred[it.rel]  # superseded by a newer version of the same path
         todo: list[_Pending] = []
+        known = self.state.files_for(self.name, latest)
         for it in latest.values():
-            it.rec = self.state.file(self.name, it.rel)
+            it.rec = known.get(it.rel)
             if it.rec is not None and it.rec.rev >= it.rev and not resolving:
                 continue  # our own publish, or already applied
             todo.append(it)

@@ -186,6 +186,17 @@ class LocalState:
         for row in cur:
             yield _row_to_file(row)
 
+    def files_for(self, volume: str, paths: Iterable[str]) -> dict[str, FileRecord]:
+        """Index records of many paths in a few queries (a burst of thousands of files)."""
+        out: dict[str, FileRecord] = {}
+        plist = list(paths)
+        for i in range(0, len(plist), 500):
+            part = plist[i:i + 500]
+            q = f"SELECT * FROM files WHERE volume=? AND path IN ({','.join('?' * len(part))})"
+            for row in self.db.execute(q, (volume, *part)):
+                out[row["path"]] = _row_to_file(row)
+        return out
+
     def file_paths(self, volume: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM files WHERE volume=? AND kind != 'deleted'",
                                               (volume,))}

@@ -28,8 +28,15 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
     e.stop()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
 @pytest.fixture
-def cluster(etcd: Etcd, tmp_path: Path) -> Iterator[Callable[..., Node]]:
+def cluster(etcd: Etcd, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Node]]:
     """Factory for daemons sharing one etcd prefix (a fresh prefix per test keeps tests independent)."""
     prefix = f"/t{uuid.uuid4().hex[:10]}"
     nodes: list[Node] = []
@@ -45,9 +52,10 @@ def cluster(etcd: Etcd, tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield make
     for n in nodes:
         n.stop(timeout=5)
-    failed = [n for n in nodes if n.proc is not None and "Traceback" in n.log()]
-    for n in failed:
-        print(f"---- {n.name} log (has a traceback) ----\n{n.log()[-4000:]}")
+    rep = getattr(request.node, "rep_call", None)
+    for n in nodes:
+        if n.proc is not None and ((rep is not None and rep.failed) or "Traceback" in n.log()):
+            print(f"---- {n.name} log ----\n{n.log()[-6000:]}")
 
 
 @pytest.fixture

@@ -241,3 +241,17 @@ def test_frame_size_header_lie_rejected() -> None:
 
 def test_frame_error_is_value_error() -> None:
     assert issubclass(FrameError, ValueError)
+
+
+def test_small_file_fast_path_matches_streaming(tmp_path: Path) -> None:
+    """Below CHUNK_MIN the one-read path must give exactly what the streaming chunker gives."""
+    for size in (0, 1, INLINE_MAX, INLINE_MAX + 1, CHUNK_MIN - 1, CHUNK_MIN, CHUNK_MIN + 1):
+        p = tmp_path / f"f{size}"
+        p.write_bytes(os.urandom(size))
+        fast = scan_file(p)
+        data = p.read_bytes()
+        assert fast.size == size and fast.digest == chunk_id(data)
+        assert b"".join(data[c.offset:c.offset + c.length] for c in fast.chunks) == data
+        assert (fast.inline is not None) == (size <= INLINE_MAX)
+        if size <= CHUNK_MIN:
+            assert [c.id for c in fast.chunks] == ([chunk_id(data)] if size else [])

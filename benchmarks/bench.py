@@ -1,0 +1,438 @@
+"""Convergence benchmarks: each workload is written on node 0 and timed until every node holds the
+same content (verified by comparing content digests of whole trees, never by trusting logs).
+
+Usage: python benchmarks/bench.py [--systems syncmesh,syncthing] [--nodes 3] [--quick] [--only 6,7]
+Prints one table and writes benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from systems import Syncmesh, System, proc_stats  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------- convergence checks
+def signature(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Cheap per-path signature (kind, size, mtime) used to poll; digests confirm at the end."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if name.startswith((".syncmesh-tmp-", ".syncthing.", "~syncthing~", ".stfolder", ".stversions")):
+                continue
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = ("l", os.readlink(p))
+            elif name in dirnames:
+                out[rel] = ("d",)
+            else:
+                out[rel] = ("f", st.st_size, st.st_mtime_ns // 1_000_000_000)
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    out = {}
+    for rel, sig in signature(root).items():
+        if sig[0] == "f":
+            h = xxhash.xxh3_128()
+            with open(root / rel, "rb") as fh:
+                while chunk := fh.read(4 * 1024 * 1024):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def wait_converged(sysm: System, t0: float, timeout: float, poll: float = 0.02) -> float:
+    """Seconds from t0 until all nodes hold identical trees (digest-verified)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sigs = [signature(d) for d in sysm.dirs]
+        if all(s == sigs[0] for s in sigs[1:]):
+            t = time.monotonic() - t0
+            ds = [digests(d) for d in sysm.dirs]
+            if all(x == ds[0] for x in ds[1:]):
+                return t
+        time.sleep(poll)
+    raise TimeoutError(f"{sysm.name}: no convergence within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------- measurement
+@dataclass
+class Result:
+    system: str
+    workload: str
+    seconds: float = 0.0
+    rate: str = ""
+    peer_bytes: int = 0
+    peak_rss_mb: float = 0.0
+    cpu_s_per_daemon: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+class Sampler:
+    """Samples every daemon's RSS while a workload runs; CPU from the before/after difference."""
+
+    def __init__(self, sysm: System) -> None:
+        self.sysm = sysm
+        self.peak = 0
+        self._stop = threading.Event()
+        self.cpu0 = [proc_stats(p)[1] for p in sysm.pids()]
+        self.bytes0 = sysm.peer_bytes()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in self.sysm.pids():
+                self.peak = max(self.peak, proc_stats(p)[0])
+            self._stop.wait(0.2)
+
+    def finish(self, r: Result) -> Result:
+        self._stop.set()
+        self.t.join()
+        cpu1 = [proc_stats(p)[1] for p in self.sysm.pids()]
+        r.peak_rss_mb = round(self.peak / 2**20, 1)
+        if cpu1 and len(cpu1) == len(self.cpu0):
+            r.cpu_s_per_daemon = round(sum(b - a for a, b in zip(self.cpu0, cpu1, strict=True)) / len(cpu1), 2)
+        r.peer_bytes = self.sysm.peer_bytes() - self.bytes0
+        return r
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def big_file(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 8 * 1024 * 1024)
+            fh.write(os.urandom(n))
+            left -= n
+
+
+# ---------------------------------------------------------------- workloads
+def w_create_1000(s: System, cfg: argparse.Namespace) -> Result:
+    n = 100 if cfg.quick else 1000
+    d = s.dirs[0]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(10) as ex:
+        list(ex.map(lambda i: write_file(d / f"w1/dir{i % 10}/file{i}.dat", os.urandom(100_000)), range(n)))
+    secs = wait_converged(s, t0, 600)
+    return Result(s.name, f"1. create {n} x 100 KB (10 writers)", secs, f"{n / secs:.0f} files/s")
+
+
+def w_append(s: System, cfg: argparse.Namespace) -> Result:
+    d = s.dirs[0]
+    files = sorted((d / "w1").rglob("*.dat"))
+    t0 = time.monotonic()
+
+    def app(p: Path) -> None:
+        with open(p, "ab") as fh:
+            fh.write(b"appended line one\nappended line two\n")
+
+    with ThreadPoolExecutor(10) as ex:
+        list(ex.map(app, files))
+    secs = wait_converged(s, t0, 600)
+    return Result(s.name, f"2. append 2 lines to {len(files)} files", secs, f"{len(files) / secs:.0f} files/s")
+
+
+def w_ten_10mb(s: System, cfg: argparse.Namespace) -> Result:
+    d = s.dirs[0]
+    t0 = time.monotonic()
+    for i in range(10):
+        write_file(d / f"w3/big{i}.bin", os.urandom(10 * 1024 * 1024))
+    secs = wait_converged(s, t0, 600)
+    return Result(s.name, "3. ten files of 10 MB", secs, f"{100 / secs:.0f} MB/s")
+
+
+def w_burst(s: System, cfg: argparse.Namespace) -> Result:
+    d = s.dirs[0]
+    t0 = time.monotonic()
+    for r in range(50):
+        write_file(d / f"w4/round{r}.txt", f"round {r}\n".encode())
+        (d / f"w4/dir{r}").mkdir(parents=True, exist_ok=True)
+        write_file(d / f"w4/dir{r}/nested/file.txt", os.urandom(2000))
+        write_file(d / f"w4/dir{r}/data.json", json.dumps({"round": r, "items": list(range(50))}).encode())
+    secs = wait_converged(s, t0, 600)
+    return Result(s.name, "4. burst 50 x (file+dir+nested+json)", secs, f"{200 / secs:.0f} ops/s")
+
+
+def w_mixed(s: System, cfg: argparse.Namespace) -> Result:
+    """Steady create/modify/mkdir; lag = time from the write until every other node has it."""
+    duration = 10 if cfg.quick else cfg.mixed_seconds
+    rate = 20.0
+    d = s.dirs[0]
+    pending: dict[str, tuple[float, tuple[Any, ...]]] = {}
+    lags: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def watcher() -> None:
+        while not stop.is_set() or pending:
+            with lock:
+                items = list(pending.items())
+            for rel, (t, sig) in items:
+                ok = True
+                for other in s.dirs[1:]:
+                    try:
+                        st = os.lstat(other / rel)
+                    except FileNotFoundError:
+                        ok = False
+                        break
+                    if sig and (st.st_size != sig[0]):
+                        ok = False
+                        break
+                if ok:
+                    with lock:
+                        if pending.get(rel, (None,))[0] == t:
+                            lags.append(time.monotonic() - t)
+                            del pending[rel]
+            time.sleep(0.005)
+            if stop.is_set() and time.monotonic() > stop_at + 60:
+                break
+
+    stop_at = time.monotonic() + duration
+    th = threading.Thread(target=watcher, daemon=True)
+    th.start()
+    rnd = random.Random(5)
+    made: list[str] = []
+    i = 0
+    t_next = time.monotonic()
+    while time.monotonic() < stop_at:
+        op = rnd.random()
+        if op < 0.5 or not made:
+            rel = f"w5/d{i % 20}/new{i}.txt"
+            data = os.urandom(rnd.randint(100, 20000))
+            write_file(d / rel, data)
+            made.append(rel)
+            sig: tuple[Any, ...] = (len(data),)
+        elif op < 0.85:
+            rel = rnd.choice(made)
+            data = os.urandom(rnd.randint(100, 20000))
+            write_file(d / rel, data)
+            sig = (len(data),)
+        else:
+            rel = f"w5/dirs/m{i}"
+            (d / rel).mkdir(parents=True, exist_ok=True)
+            sig = ()
+        with lock:
+            pending[rel] = (time.monotonic(), sig)
+        i += 1
+        t_next += 1 / rate
+        time.sleep(max(0.0, t_next - time.monotonic()))
+    stop.set()
+    th.join()
+    secs = wait_converged(s, stop_at - duration, 120)
+    lags.sort()
+    extra = {"ops": i, "lag_median_ms": round(statistics.median(lags) * 1000, 1) if lags else None,
+             "lag_p99_ms": round(lags[int(len(lags) * 0.99) - 1] * 1000, 1) if lags else None,
+             "lag_max_ms": round(lags[-1] * 1000, 1) if lags else None, "unseen": len(pending)}
+    return Result(s.name, f"5. mixed ops for {duration}s at {rate:.0f}/s", secs,
+                  f"lag p50 {extra['lag_median_ms']} ms, p99 {extra['lag_p99_ms']} ms", extra=extra)
+
+
+def w_latency(s: System, cfg: argparse.Namespace) -> Result:
+    n = 50 if cfg.quick else 200
+    src, dst = s.dirs[0], s.dirs[1]
+    lat = []
+    for i in range(n):
+        data = os.urandom(1024)
+        rel = f"w6/lat{i}.bin"
+        t0 = time.monotonic()
+        write_file(src / rel, data)
+        while True:
+            try:
+                if (dst / rel).stat().st_size == 1024:
+                    break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() - t0 > 60:
+                raise TimeoutError("latency probe: file never arrived")
+            time.sleep(0.0005)
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.01)
+    lat.sort()
+    med, p99 = statistics.median(lat), lat[max(0, int(len(lat) * 0.99) - 1)]
+    return Result(s.name, f"6. latency 1 KiB, {n} writes", med * n, f"p50 {med * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms",
+                  extra={"median_ms": round(med * 1000, 2), "p99_ms": round(p99 * 1000, 2),
+                         "max_ms": round(lat[-1] * 1000, 2)})
+
+
+def w_10k_small(s: System, cfg: argparse.Namespace) -> Result:
+    n = 2000 if cfg.quick else 10_000
+    d = s.dirs[0]
+    t0 = time.monotonic()
+    for i in range(n):
+        write_file(d / f"w7/d{i % 100}/f{i}.bin", os.urandom(4096))
+    secs = wait_converged(s, t0, 900)
+    return Result(s.name, f"7. {n} files of 4 KiB", secs, f"{n / secs:.0f} files/s")
+
+
+def w_1gib(s: System, cfg: argparse.Namespace) -> Result:
+    size = (256 if cfg.quick else 1024) * 1024 * 1024
+    p = s.dirs[0] / "w8" / "huge.bin"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = s.dirs[0] / "w8" / ".huge.prep"
+    big_file(tmp, size)  # written beside, then renamed in: the clock starts when the file appears
+    t0 = time.monotonic()
+    os.rename(tmp, p) if s.name != "syncthing" else os.rename(tmp, p)
+    secs = wait_converged(s, t0, 900, poll=0.05)
+    return Result(s.name, f"8. one {size // 2**20} MiB incompressible file", secs, f"{size / 2**20 / secs:.0f} MiB/s")
+
+
+def w_delta(s: System, cfg: argparse.Namespace) -> Result:
+    p = s.dirs[0] / "w8" / "huge.bin"
+    size = p.stat().st_size
+    b0 = s.peer_bytes()
+    t0 = time.monotonic()
+    with open(p, "r+b") as fh:  # overwrite 1 MiB in the middle
+        fh.seek(size // 2)
+        fh.write(os.urandom(1024 * 1024))
+    secs1 = wait_converged(s, t0, 900, poll=0.05)
+    sent_overwrite = s.peer_bytes() - b0
+    # insert 1 MiB in the middle: the file is rewritten with the new bytes spliced in
+    b1 = s.peer_bytes()
+    tmp = p.with_name(".huge.insert")
+    with open(p, "rb") as src, open(tmp, "wb") as dst:
+        left = size // 3
+        while left:
+            chunk = src.read(min(left, 8 << 20))
+            dst.write(chunk)
+            left -= len(chunk)
+        dst.write(os.urandom(1024 * 1024))
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+    t1 = time.monotonic()
+    os.rename(tmp, p)
+    secs2 = wait_converged(s, t1, 900, poll=0.05)
+    sent_insert = s.peer_bytes() - b1
+    per_peer = max(1, s.n - 1)
+    extra = {"overwrite_bytes_per_peer": sent_overwrite // per_peer, "insert_bytes_per_peer": sent_insert // per_peer,
+             "overwrite_s": round(secs1, 2), "insert_s": round(secs2, 2)}
+    return Result(s.name, "9. delta: 1 MiB overwrite / insert in big file", secs1 + secs2,
+                  f"{sent_overwrite / per_peer / 2**20:.1f} / {sent_insert / per_peer / 2**20:.1f} MiB per peer",
+                  extra=extra)
+
+
+def w_restart(s: System, cfg: argparse.Namespace) -> Result:
+    n = cfg.restart_files or (10_000 if cfg.quick else 100_000)
+    d = s.dirs[0]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: write_file(d / f"w10/d{i % 1000}/f{i}", f"file {i}\n".encode()), range(n)))
+    seed_s = wait_converged(s, t0, 1800, poll=0.5)
+    ready_s = s.restart_node(1)
+    # in sync: a change made now still arrives on the restarted node
+    t1 = time.monotonic()
+    write_file(d / "w10/after-restart.txt", b"x")
+    wait_converged(s, t1, 120, poll=0.5)
+    return Result(s.name, f"10. restart holding {n} unchanged files", ready_s, f"ready in {ready_s:.1f} s",
+                  extra={"seed_seconds": round(seed_s, 1), "seed_files_per_s": round(n / seed_s)})
+
+
+WORKLOADS: list[tuple[str, Callable[[System, argparse.Namespace], Result], bool]] = [
+    # (id, function, needs a fresh volume first)
+    ("1", w_create_1000, True), ("2", w_append, False), ("3", w_ten_10mb, True), ("4", w_burst, True),
+    ("5", w_mixed, True), ("6", w_latency, True), ("7", w_10k_small, True), ("8", w_1gib, True),
+    ("9", w_delta, False), ("10", w_restart, True),
+]
+
+
+def make_system(name: str, base: Path, nodes: int) -> System:
+    if name == "syncmesh":
+        return Syncmesh(base, nodes)
+    if name == "syncthing":
+        from syncthing_system import Syncthing
+
+        return Syncthing(base, nodes)
+    raise SystemExit(f"unknown system {name}")
+
+
+def table(results: list[Result]) -> str:
+    rows = [("workload", "system", "converged s", "rate", "peer MiB", "peak RSS MB", "CPU s/daemon")]
+    for r in results:
+        rows.append((r.workload, r.system, f"{r.seconds:.2f}" if not r.error else "FAILED", r.rate or r.error[:40],
+                     f"{r.peer_bytes / 2**20:.1f}", f"{r.peak_rss_mb:.0f}", f"{r.cpu_s_per_daemon:.1f}"))
+    w = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (x + 2) for x in w) + "|")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--systems", default="syncmesh,syncthing")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run of every workload)")
+    ap.add_argument("--only", default="", help="comma-separated workload ids, e.g. 6,7")
+    ap.add_argument("--mixed-seconds", type=int, default=60)
+    ap.add_argument("--restart-files", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    cfg = ap.parse_args()
+    only = set(filter(None, cfg.only.split(",")))
+    results: list[Result] = []
+    for name in cfg.systems.split(","):
+        base = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
+        s = make_system(name, base, cfg.nodes)
+        print(f"== {name}: starting {cfg.nodes} nodes in {base}", flush=True)
+        s.start()
+        try:
+            first = True
+            for wid, fn, fresh in WORKLOADS:
+                if only and wid not in only:
+                    continue
+                if fresh and not first:
+                    s.reset()
+                first = False
+                sampler = Sampler(s)
+                try:
+                    r = fn(s, cfg)
+                except Exception as exc:  # a failed workload is reported, the rest still run
+                    r = Result(name, f"{wid}. {fn.__name__}", error=f"{type(exc).__name__}: {exc}")
+                r = sampler.finish(r)
+                r.extra.update(s.extra())
+                results.append(r)
+                print(f"   {r.workload}: {r.seconds:.2f}s {r.rate} {r.error}", flush=True)
+        finally:
+            s.stop()
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(table(results))
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "nodes": cfg.nodes, "quick": cfg.quick,
+                               "results": [asdict(r) for r in results]}, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
