@@ -142,7 +142,8 @@ class Daemon:
         self.manager = VolumeManager(
             node_id=self.cfg.node_id, data_root=self.cfg.data_root, state=self.state, engine=self.engine,
             get_store=lambda: self.store if self.etcd_ready.is_set() else None,
-            get_membership=lambda: self.membership, mount_timeout=float(self.cfg.sync.mount_timeout))
+            get_membership=lambda: self.membership, mount_timeout=float(self.cfg.sync.mount_timeout),
+            connect_wait=float(self.cfg.etcd.timeout))
         await self._start_http()
         # Volumes held before a restart keep syncing locally at once; etcd catches up when it answers.
         await self.manager.resume_held()

@@ -40,7 +40,7 @@ class VolumeManager:
 
     def __init__(self, *, node_id: str, data_root: str, state: LocalState, engine: Engine,
                  get_store: Callable[[], EtcdStore | None], get_membership: Callable[[], Membership | None],
-                 mount_timeout: float) -> None:
+                 mount_timeout: float, connect_wait: float = 10.0) -> None:
         self.node_id = node_id
         self.data_root = data_root
         self.state = state
@@ -48,6 +48,7 @@ class VolumeManager:
         self.get_store = get_store
         self.get_membership = get_membership
         self.mount_timeout = mount_timeout
+        self.connect_wait = connect_wait
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -61,6 +62,14 @@ class VolumeManager:
             raise ClusterUnavailable("etcd is not reachable yet; the cluster registry is needed for this call")
         return store
 
+    async def _store_soon(self) -> EtcdStore:
+        """The store, waiting briefly while the daemon is still connecting (e.g. right after
+        `docker plugin enable` with embedded etcd): Docker retries nothing, so a short wait beats an Err."""
+        deadline = time.monotonic() + self.connect_wait
+        while self.get_store() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._store()
+
     def _known(self, name: str) -> dict[str, Any]:
         rec = self.state.volume(name)
         if rec is None:
@@ -72,7 +81,7 @@ class VolumeManager:
         name = validate_name(name)
         options = parse_options(opts)
         async with self._locks[name]:
-            store = self._store()
+            store = await self._store_soon()
             record = {"name": name, "options": options.to_json(), "created_by": self.node_id,
                       "created_at": time.time()}
             try:
@@ -175,7 +184,7 @@ class VolumeManager:
             local = sum(self.state.mounts(name).values())
             if local:
                 raise VolumeError(f"volume {name} is in use: mounted {local} time(s) on this node ({self.node_id})")
-            store = self._store()
+            store = await self._store_soon()
             try:
                 _, kvs = await store.get_all(store.key("mounts", name) + b"/")
                 nodes = sorted(kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs)

@@ -61,7 +61,7 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
                         etcd_ready=asyncio.Event(), fetch=_fetch, peers=_peers)
     engine = Engine(ctx)
     vm = VolumeManager(node_id="n1", data_root=data_root, state=state, engine=engine, get_store=lambda: None,
-                       get_membership=lambda: None, mount_timeout=0.1)
+                       get_membership=lambda: None, mount_timeout=0.1, connect_wait=0.1)
     client: TestClient[Any, Any] = TestClient(TestServer(make_app(lambda: vm)))
     await client.start_server()
     try:
