@@ -66,7 +66,7 @@ class VolumeManager:
         """The store, waiting briefly while the daemon is still connecting (e.g. right after
         `docker plugin enable` with embedded etcd): Docker retries nothing, so a short wait beats an Err."""
         deadline = time.monotonic() + self.connect_wait
-        while self.get_store() is None and time.monotonic() < deadline:
+        while self.get_store() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - a derived condition, not one event
             await asyncio.sleep(0.05)
         return self._store()
 
