@@ -36,6 +36,12 @@ test: install deps
 	$(BIN)/ruff check syncmesh_plugin tests
 	$(BIN)/python -m pytest tests/unit tests/integration -q -p no:cacheprovider
 
+# Convergence benchmarks, syncmesh and Syncthing side by side (BENCH_ARGS="--quick", "--only 6,7").
+bench: install deps
+	@command -v syncthing >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq syncthing >/dev/null; }
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 

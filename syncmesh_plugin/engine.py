@@ -584,6 +584,8 @@ class VolumeSync:
             now = time.time()
             for i in done:
                 metrics.ops_applied.labels(i.m.kind).inc()
+                if i.m.inline:
+                    metrics.bytes_inline.inc(len(i.m.inline))
                 if i.m.ts > 0:
                     metrics.propagation_lag_seconds.observe(max(0.0, now - i.m.ts))
                     self.status.lag_seconds = max(0.0, now - i.m.ts)
