@@ -75,6 +75,8 @@ class SyncConfig:
     keep_conflict_copies: bool = True
     mount_timeout: Duration = Duration(60.0)
     debounce: Duration = Duration(0.005)
+    mass_delete_threshold: float = 0.5
+    mass_delete_min_files: int = 20
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,9 @@ class SecurityConfig:
     tls_key_file: str = ""
     tls_ca_file: str = ""
     auth_enabled: bool = False
-    auth_tokens: list[Secret] = field(default_factory=list)
+    auth_tokens: list[Secret] = field(default_factory=list)  # admin: every endpoint; the first is sent to peers
+    auth_readonly_tokens: list[Secret] = field(default_factory=list)  # GET of the API and metrics only
+    health_open: bool = True  # /api/v1/health answers without a token
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ def _type_label(tp: Any) -> str:
         return "a boolean (true/false)"
     if tp is int:
         return "an integer"
+    if tp is float:
+        return "a number"
     if tp is Duration:
         return "a duration such as 30s, 500ms, 2m"
     if tp in (list[str], list[Secret]):
@@ -192,6 +198,11 @@ def _coerce(path: str, tp: Any, value: Any, from_env: bool) -> Any:
             return value
         if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
             return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            return float(value)
     elif tp is Duration:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
             return Duration(float(value))
@@ -265,6 +276,9 @@ def _validate(cfg: Config) -> Config:
     for ep in cfg.etcd.endpoints:
         if not re.fullmatch(r"(https?://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}", ep):
             raise bad("etcd.endpoints", "URLs like http://10.0.0.5:2379", ep)
+    if not 0 < cfg.sync.mass_delete_threshold <= 1:
+        raise bad("sync.mass_delete_threshold", "a share of the volume in (0, 1], e.g. 0.5",
+                  cfg.sync.mass_delete_threshold)
     if cfg.etcd.lease_ttl < 2:
         raise bad("etcd.lease_ttl", "an integer >= 2 (seconds)", cfg.etcd.lease_ttl)
     if cfg.sync.interval < 1:
@@ -276,6 +290,17 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("security.tls_enabled: needs security.tls_cert_file and security.tls_key_file")
     if cfg.security.auth_enabled and not cfg.security.auth_tokens:
         raise ConfigError("security.auth_enabled: needs at least one token in security.auth_tokens")
+    for key in ("auth_tokens", "auth_readonly_tokens"):
+        for tok in getattr(cfg.security, key):
+            if not re.fullmatch(r"[\x21-\x2b\x2d-\x7e]+", tok):
+                # the token itself is never echoed: this message may end up in a log
+                raise ConfigError(f"security.{key}: tokens must be printable ASCII without spaces or commas")
+    if set(cfg.security.auth_tokens) & set(cfg.security.auth_readonly_tokens):
+        raise ConfigError("security.auth_readonly_tokens: a token cannot be both admin and read-only")
+    if cfg.security.tls_ca_file and not cfg.security.tls_enabled:
+        raise ConfigError("security.tls_ca_file: set security.tls_enabled: true as well (mutual TLS needs TLS)")
+    if bool(cfg.etcd.tls_cert_file) != bool(cfg.etcd.tls_key_file):
+        raise ConfigError("etcd.tls_cert_file and etcd.tls_key_file: give both or neither")
     for key in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
         for section, sec in (("security", cfg.security), ("etcd", cfg.etcd)):
             path = getattr(sec, key, "")

@@ -26,6 +26,7 @@ from .engine import Engine, EngineContext
 from .etcd_embedded import EmbeddedEtcd
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
+from .ops import Ops
 from .state import LocalState
 from .transfer import PeerClient, TransferMetrics
 from .volumes import VolumeManager
@@ -72,6 +73,7 @@ class Daemon:
         self._nodes_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._holders_cache: dict[str, tuple[float, list[str]]] = {}
         self.plugin_listening = False
+        self.ops = Ops(self)  # event bus, cluster view, per-node progress (API, status page, metrics)
 
     # ---- start-up
     async def _bind_plugin_socket(self) -> None:
@@ -93,10 +95,13 @@ class Daemon:
         log.info("plugin socket listening on %s", path)
 
     def _server_ssl(self) -> ssl.SSLContext | None:
+        """HTTPS for the API and the peer protocol; with a CA, only clients holding a certificate it
+        signed get past the handshake (mutual TLS), so a stranger cannot even reach the auth check."""
         sec = self.cfg.security
         if not sec.tls_enabled:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
         if sec.tls_ca_file:
             ctx.load_verify_locations(sec.tls_ca_file)
@@ -104,15 +109,19 @@ class Daemon:
         return ctx
 
     def _client_ssl(self) -> ssl.SSLContext | bool:
+        """How this node talks to peers: their certificate is checked against the CA (or the system
+        trust store without one), host name included, and our own certificate is presented."""
         sec = self.cfg.security
         if not sec.tls_enabled:
             return True
-        ctx = ssl.create_default_context(cafile=sec.tls_ca_file or None)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=sec.tls_ca_file or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
         return ctx
 
     async def _start_http(self) -> None:
-        runner = web.AppRunner(api.make_app(self), handle_signals=False, access_log=None)
+        # lingering_time: a refused oversized body is discarded for at most 2 s, then the connection closes.
+        runner = web.AppRunner(api.make_app(self), handle_signals=False, access_log=None, lingering_time=2.0)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.server.host, self.cfg.server.port, ssl_context=self._server_ssl(),
                            reuse_address=True)
@@ -136,8 +145,10 @@ class Daemon:
             node_id=self.cfg.node_id, data_root=self.cfg.data_root, state=self.state,
             conflict_default=self.cfg.sync.conflict_resolution,
             keep_copies_default=self.cfg.sync.keep_conflict_copies, interval=float(self.cfg.sync.interval),
-            debounce=float(self.cfg.sync.debounce), get_store=lambda: self.store, etcd_ready=self.etcd_ready,
-            fetch=self._fetch, peers=self._peers)
+            debounce=float(self.cfg.sync.debounce), mass_delete_threshold=self.cfg.sync.mass_delete_threshold,
+            mass_delete_min_files=self.cfg.sync.mass_delete_min_files,
+            get_store=lambda: self.store, etcd_ready=self.etcd_ready,
+            fetch=self._fetch, peers=self._peers, emit=self.ops.emit)
         self.engine = Engine(ctx)
         self.manager = VolumeManager(
             node_id=self.cfg.node_id, data_root=self.cfg.data_root, state=self.state, engine=self.engine,
@@ -167,6 +178,7 @@ class Daemon:
                 backoff = min(backoff * 2, 5.0)
         self._tasks.append(asyncio.create_task(self._monitor_etcd(), name="etcd-monitor"))
         self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
+        self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
 
     async def _connect(self) -> None:
         if self.cfg.embedded_etcd and self.embedded is None:
@@ -190,10 +202,10 @@ class Daemon:
         self.store, self.membership = store, membership
         assert self.manager is not None
         membership.on_lease_lost = lambda: asyncio.ensure_future(self.manager.republish_mounts())  # type: ignore
-        self.etcd_ok, self.etcd_error = True, ""
-        metrics.etcd_up.set(1)
         self.etcd_ready.set()
         await self.manager.sync_registry()
+        self.etcd_ok, self.etcd_error = True, ""  # healthy once the registry copy is current
+        metrics.etcd_up.set(1)
         await self.manager.resume_held()
         await self.manager.republish_mounts()
         log.info("connected to etcd %s as node %s", ", ".join(self.etcd_endpoints), self.cfg.node_id)
@@ -250,7 +262,9 @@ class Daemon:
             if n == self.cfg.node_id or n not in nodes:
                 continue
             url = nodes[n].get("advertise")
-            if isinstance(url, str) and url.startswith(("http://", "https://")):
+            # With TLS on, never send our token to a plain-http address planted in etcd.
+            schemes = ("https://",) if self.cfg.security.tls_enabled else ("http://", "https://")
+            if isinstance(url, str) and url.startswith(schemes):
                 urls.append(url)
         return urls
 
@@ -273,22 +287,18 @@ class Daemon:
         degraded = {n: vs.watcher.degraded_reason for n, vs in (self.engine.volumes.items() if self.engine else [])
                     if vs.watcher is not None and vs.watcher.degraded}
         comps["watchers"] = {"ok": True, "degraded": degraded}  # degraded watchers fall back to rescans
+        paused = {n: vs.paused for n, vs in (self.engine.volumes.items() if self.engine else []) if vs.paused}
+        comps["volumes"] = {"ok": not paused, "paused": paused}
+        comps["peers"] = self.ops.peers_health()
         return comps
 
     def refresh_gauges(self) -> None:
-        if self.engine is not None:
-            metrics.watches.set(sum(vs.watcher.watch_count for vs in self.engine.volumes.values()
-                                    if vs.watcher is not None))
-        if self.peer_client is not None:
-            for peer, _ in self._nodes_cache[1].items():
-                url = self._nodes_cache[1][peer].get("advertise", "")
-                if url:
-                    metrics.peer_breaker_open.labels(peer).set(
-                        1 if self.peer_client.breaker_state(url) == "open" else 0)
+        self.ops.refresh_gauges()
 
     # ---- shutdown
     async def stop(self) -> None:
         t0 = time.monotonic()
+        self.ops.close()  # ends open event streams, so the HTTP server can stop at once
         if self._runners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._runners[0].cleanup(), 2.0)  # plugin socket: stop accepting

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by group, never whole in memory
 WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying
 APPLY_PAGE = 512
+DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
+DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
 
 
 class FetchError(RuntimeError):
@@ -59,6 +62,8 @@ class EngineContext:
     fetch: Callable[[str, list[str], list[str]], Awaitable[dict[str, bytes]]]
     peers: Callable[[str, str], Awaitable[list[str]]]
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+    mass_delete_threshold: float = 0.5
+    mass_delete_min_files: int = 20
 
 
 def _differs(rec: FileRecord, fs: FileStat) -> bool:
@@ -132,11 +137,21 @@ class VolumeSync:
         # Remote changes whose chunks no peer could serve yet: retried, and the stored watch revision
         # never moves past them, so a restart replays them instead of forgetting them.
         self.deferred: dict[str, _Pending] = {}
+        # Guard against mass damage: while paused nothing is published or applied for this volume,
+        # until an operator resumes it (accepting the local state, or restoring from the cluster).
+        self.paused = ""
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._bypass_guard = False
+        self._missing_since: dict[str, float] = {}
+        self._recent_deletes: deque[tuple[float, int]] = deque()
 
     # ---- lifecycle
     async def start(self) -> None:
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         self.state.hold(self.name)
+        if self.state.get_meta(f"root:{self.name}") is None:
+            self._remember_root()
         self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
                                      debounce=self.ctx.debounce)
         self.watcher.start()
@@ -158,6 +173,61 @@ class VolumeSync:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+
+    # ---- guard against mass damage
+    def _root_id(self) -> str:
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return ""
+        return f"{st.st_dev}:{st.st_ino}"
+
+    def _remember_root(self) -> None:
+        self.state.set_meta(f"root:{self.name}", self._root_id())
+
+    def _root_problem(self) -> str:
+        """A vanished or replaced volume directory (an unmounted disk, a restored backup) must not be
+        published as "every file deleted"."""
+        now = self._root_id()
+        if not now:
+            return f"the volume directory {self.root} is missing"
+        if now != self.state.get_meta(f"root:{self.name}"):
+            return f"the volume directory {self.root} was replaced (device/inode changed)"
+        return ""
+
+    def pause(self, reason: str) -> None:
+        if not self.paused:
+            log.error("volume %s: publishing paused: %s; run `syncmesh-plugin resume %s` (or --restore)",
+                      self.name, reason, self.name, extra={"volume": self.name})
+            self.ctx.emit("paused", {"volume": self.name, "reason": reason})
+        self.paused = reason
+        self.status.last_error = f"paused: {reason}"
+        self._unpaused.clear()
+        metrics.volume_paused.labels(self.name).set(1)
+
+    async def resume(self, restore: bool = False) -> None:
+        """Operator decision after a pause: accept the local state as the truth (publish it, deletions
+        included), or restore: forget the local index and take everything back from the cluster."""
+        async with self.lock:
+            self._remember_root()
+            if restore:
+                self.dirty.clear()
+                self.state.delete_files(self.name, [r.path for r in self.state.files(self.name)])
+                self.state.set_synced(self.name, False)
+                self._tasks[0].cancel()  # leave the watch: the next run starts with a full reconcile
+            else:
+                self._bypass_guard = True
+                self.rescan_needed.set()
+            self.paused = ""
+            self.status.last_error = ""
+            self._unpaused.set()
+            metrics.volume_paused.labels(self.name).set(0)
+        if restore:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks[0]
+            self._tasks[0] = asyncio.create_task(self._run(), name=f"sync-{self.name}")
+        self.kick.set()
+        log.warning("volume %s: resumed by the operator (%s)", self.name, "restore" if restore else "accept")
 
     def _ignored_path(self, rel: str, is_dir: bool = False) -> bool:
         return is_internal_name(rel) or self.matcher.ignored(rel, is_dir)
@@ -217,6 +287,8 @@ class VolumeSync:
     async def _follow(self, rev: int, ready_at: int) -> None:
         prefix = self.store.files_prefix(self.name)
         async for batch in self.store.watch(prefix, rev + 1):
+            if self.paused:
+                await self._unpaused.wait()
             if batch.events:
                 items = []
                 for ev in batch.events:
@@ -255,6 +327,7 @@ class VolumeSync:
     async def _reconcile(self) -> int:
         """Full agreement with etcd from a range read: first attach, or history compacted away."""
         store = self.store
+        await self._unpaused.wait()
         async with self.lock:
             rev, pages = await store.get_range(store.files_prefix(self.name), page=APPLY_PAGE)
             remote: set[str] = set()
@@ -332,6 +405,10 @@ class VolumeSync:
                     await self._rescan("interval")
 
     async def _rescan(self, reason: str) -> None:
+        problem = self._root_problem()
+        if problem:
+            self.pause(problem)
+            return
         t0 = time.monotonic()
         metrics.rescans.labels(reason).inc()
         known = {r.path: r for r in self.state.files(self.name) if r.kind != "deleted"}
@@ -354,7 +431,11 @@ class VolumeSync:
     async def _flush(self) -> None:
         """Publish every dirty path: hash what changed, CAS in batched transactions."""
         async with self.lock:
-            if not self.dirty:
+            if not self.dirty or self.paused:
+                return
+            problem = self._root_problem()
+            if problem:
+                self.pause(problem)
                 return
             paths, self.dirty = self.dirty, set()
             metrics.pending_items.labels(self.name).set(0)
@@ -392,6 +473,24 @@ class VolumeSync:
                 return out, unstable
 
             built, unstable = await asyncio.to_thread(build)
+            built, held = self._hold_deletions(built)
+            if held:
+                self.dirty.update(held)
+                asyncio.get_running_loop().call_later(DELETE_HOLD, self.kick.set)
+            deletions = sum(1 for _, m, _ in built if m.kind == "deleted")
+            if deletions and not self._bypass_guard:
+                window = time.monotonic() - DELETE_WINDOW
+                while self._recent_deletes and self._recent_deletes[0][0] < window:
+                    self._recent_deletes.popleft()
+                recent = deletions + sum(n for _, n in self._recent_deletes)
+                total = self.state.volume_stats(self.name)["files"]
+                if recent >= self.ctx.mass_delete_min_files and recent > self.ctx.mass_delete_threshold * total:
+                    self.dirty.update(paths)
+                    self.pause(f"{recent} of {total} paths would be deleted within {DELETE_WINDOW:.0f}s (more "
+                               f"than {self.ctx.mass_delete_threshold:.0%})")
+                    return
+                self._recent_deletes.append((time.monotonic(), deletions))
+            self._bypass_guard = False
             if unstable:
                 self.dirty.update(unstable)
                 asyncio.get_running_loop().call_later(0.05, self.kick.set)
@@ -404,6 +503,27 @@ class VolumeSync:
             except EtcdUnavailable:
                 self.dirty.update(p for p, _, _ in built)
                 raise
+
+    def _hold_deletions(self, built: list[tuple[str, Manifest, FileStat | None]]
+                        ) -> tuple[list[tuple[str, Manifest, FileStat | None]], set[str]]:
+        """Deletions wait DELETE_HOLD after first being seen, so that an `rm -rf` in progress is judged
+        by the mass-delete guard as a whole rather than published in slices."""
+        now = time.monotonic()
+        keep: list[tuple[str, Manifest, FileStat | None]] = []
+        held: set[str] = set()
+        for item in built:
+            p, m, _ = item
+            if m.kind != "deleted":
+                self._missing_since.pop(p, None)
+                keep.append(item)
+                continue
+            first = self._missing_since.setdefault(p, now)
+            if now - first < DELETE_HOLD and not self._bypass_guard:
+                held.add(p)
+            else:
+                self._missing_since.pop(p, None)
+                keep.append(item)
+        return keep, held
 
     async def _expand(self, paths: set[str]) -> tuple[dict[str, FileRecord], dict[str, FileStat | None]]:
         """Index records and current stats of the dirty paths, grown to whole subtrees where needed.
@@ -884,7 +1004,45 @@ class VolumeSync:
             "lag_seconds": round(self.status.lag_seconds, 4), "last_error": self.status.last_error,
             "watches": w.watch_count if w else 0, "watcher_degraded": bool(w and w.degraded),
             "watcher_reason": (w.degraded_reason or "") if w else "",
+            "paused": self.paused, "deferred": len(self.deferred),
         }
+
+    async def resync(self, path: str | None = None) -> dict[str, Any]:
+        """Operator request (POST .../sync): re-hash and republish local changes; re-fetch a path whose
+        local content no longer matches its manifest (e.g. damaged on disk without a visible change).
+
+        Without a path: a full rescan of the volume. Returns what was done."""
+        if path is None:
+            self.rescan_needed.set()
+            self.kick.set()
+            return {"volume": self.name, "action": "rescan"}
+        rel = validate_relpath(path)
+        kv = await self.store.get(self.store.file_key(self.name, rel))
+        remote = decode(kv.value) if kv is not None else None
+        async with self.lock:
+            rec = self.state.file(self.name, rel)
+            fs = await asyncio.to_thread(localfs.lstat, self.root, rel)
+            changed = (fs is not None and (rec is None or _differs(rec, fs))) or (
+                fs is None and rec is not None and rec.kind != "deleted")
+            if changed or (remote is None and fs is not None):
+                self.dirty.add(rel)
+                self.kick.set()
+                return {"volume": self.name, "path": rel, "action": "republish"}
+            if remote is None:
+                return {"volume": self.name, "path": rel, "action": "none", "reason": "unknown path"}
+            it = _Pending(rel, remote, kv.mod_revision, fs=fs)
+            if rec is None or rec.rev < kv.mod_revision:
+                await self._apply([it])
+                return {"volume": self.name, "path": rel, "action": "apply", "revision": kv.mod_revision}
+            if remote.kind == "file" and fs is not None:
+                local = await asyncio.to_thread(localfs.describe, self.root, rel, fs, self.ctx.node_id, time.time())
+                if local is not None and not local.content_equal(remote):
+                    # The index agrees with stat but not with the bytes: fetch the published version again
+                    # (local chunks are verified before reuse, so damaged ones come from peers).
+                    await self._apply_files([it])
+                    return {"volume": self.name, "path": rel, "action": "refetch", "revision": kv.mod_revision,
+                            "deferred": rel in self.deferred}
+            return {"volume": self.name, "path": rel, "action": "none", "reason": "in sync"}
 
 
 class Engine:

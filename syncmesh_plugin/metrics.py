@@ -51,6 +51,8 @@ peer_breaker_open = Gauge("syncmesh_peer_circuit_open", "1 when the circuit brea
                           registry=REGISTRY)
 rejected_input = Counter("syncmesh_rejected_input_total", "Hostile or malformed input rejected", ["source"],
                          registry=REGISTRY)
+volume_paused = Gauge("syncmesh_volume_paused", "1 while publishing is paused by the mass-damage guard",
+                      ["volume"], registry=REGISTRY)
 corrupt_chunks = Counter("syncmesh_corrupt_chunks_total", "Chunks whose bytes did not match their id",
                          registry=REGISTRY)
 

@@ -106,6 +106,19 @@ class VolumeManager:
             with contextlib.suppress(EtcdUnavailable):
                 await m.bind(m.store.key("holders", name, self.node_id), dumps({"at": time.time()}))
 
+    async def _fetch_record(self, name: str) -> dict[str, Any]:
+        """A volume created elsewhere a moment ago may not have reached our registry watch yet."""
+        store = self.get_store()
+        kv = None
+        if store is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                kv = await store.get(store.key("volumes", name))
+        if kv is None:
+            raise VolumeError(f"no such volume: {name}")
+        record = loads(kv.value)
+        self.state.put_volume(name, record, kv.mod_revision)
+        return record
+
     def get(self, name: Any) -> dict[str, Any]:
         name = validate_name(name)
         rec = self._known(name)
@@ -135,7 +148,7 @@ class VolumeManager:
         if not isinstance(mount_id, str) or not mount_id or len(mount_id) > 256:
             raise VolumeError("Mount needs the ID field (a string)")
         async with self._locks[name]:
-            rec = self._known(name)
+            rec = self.state.volume(name) or await self._fetch_record(name)
             first = name not in self.engine.volumes or not self.engine.volumes[name].ready.is_set()
             await self._hold(name, rec)
             if first:
