@@ -299,10 +299,10 @@ def w_1gib(s: System, cfg: argparse.Namespace) -> Result:
     size = (256 if cfg.quick else 1024) * 1024 * 1024
     p = s.dirs[0] / "w8" / "huge.bin"
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = s.dirs[0] / "w8" / ".huge.prep"
-    big_file(tmp, size)  # written beside, then renamed in: the clock starts when the file appears
+    tmp = s.base / ".huge.prep"  # written outside the synced folder (same file system), then renamed in:
+    big_file(tmp, size)  # the clock starts when the complete file appears
     t0 = time.monotonic()
-    os.rename(tmp, p) if s.name != "syncthing" else os.rename(tmp, p)
+    os.rename(tmp, p)
     secs = wait_converged(s, t0, 900, poll=0.05)
     return Result(s.name, f"8. one {size // 2**20} MiB incompressible file", secs, f"{size / 2**20 / secs:.0f} MiB/s")
 
@@ -319,7 +319,7 @@ def w_delta(s: System, cfg: argparse.Namespace) -> Result:
     sent_overwrite = s.peer_bytes() - b0
     # insert 1 MiB in the middle: the file is rewritten with the new bytes spliced in
     b1 = s.peer_bytes()
-    tmp = p.with_name(".huge.insert")
+    tmp = s.base / ".huge.insert"
     with open(p, "rb") as src, open(tmp, "wb") as dst:
         left = size // 3
         while left:
@@ -400,9 +400,15 @@ def main() -> None:
     results: list[Result] = []
     for name in cfg.systems.split(","):
         base = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
-        s = make_system(name, base, cfg.nodes)
-        print(f"== {name}: starting {cfg.nodes} nodes in {base}", flush=True)
-        s.start()
+        try:
+            s = make_system(name, base, cfg.nodes)
+            print(f"== {name}: starting {cfg.nodes} nodes in {base}", flush=True)
+            s.start()
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+            raise
         try:
             first = True
             for wid, fn, fresh in WORKLOADS:
