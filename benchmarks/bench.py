@@ -25,7 +25,7 @@ from typing import Any
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from systems import Syncmesh, System, proc_stats  # noqa: E402
+from systems import Syncmesh, System, proc_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
