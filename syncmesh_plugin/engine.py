@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by group, never whole in memory
 WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying
 APPLY_PAGE = 512
+FLUSH_MAX = 4096  # paths hashed and published per round
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
 DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
 
@@ -411,17 +413,20 @@ class VolumeSync:
             return
         t0 = time.monotonic()
         metrics.rescans.labels(reason).inc()
-        known = {r.path: r for r in self.state.files(self.name) if r.kind != "deleted"}
+        known = self.state.stat_index(self.name)
 
         def scan() -> set[str]:
             changed: set[str] = set()
-            seen: set[str] = set()
             for rel, fs in localfs.walk(self.root, self._ignored_path):
-                seen.add(rel)
-                rec = known.get(rel)
-                if rec is None or _differs(rec, fs):
+                t = known.pop(rel, None)
+                if t is None or t[0] != fs.kind:
                     changed.add(rel)
-            changed.update(p for p in known if p not in seen)
+                elif fs.kind == "dir":
+                    if t[4:] != (fs.mode, fs.uid, fs.gid):
+                        changed.add(rel)
+                elif t[1:] != (fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid):
+                    changed.add(rel)
+            changed.update(known)  # indexed but gone from disk
             return changed
 
         self.dirty.update(await asyncio.to_thread(scan))
@@ -437,7 +442,13 @@ class VolumeSync:
             if problem:
                 self.pause(problem)
                 return
-            paths, self.dirty = self.dirty, set()
+            # Bounded slices: a first publish of a million files never holds a million manifests.
+            if len(self.dirty) <= FLUSH_MAX:
+                paths, self.dirty = self.dirty, set()
+            else:
+                paths = set(itertools.islice(self.dirty, FLUSH_MAX))
+                self.dirty -= paths
+                self.kick.set()
             metrics.pending_items.labels(self.name).set(0)
             recs, stats = await self._expand(paths)
             paths = set(stats)

@@ -197,6 +197,28 @@ class LocalState:
                 out[row["path"]] = _row_to_file(row)
         return out
 
+    def files_page(self, volume: str, prefix: str = "", after: str = "", limit: int = 100,
+                   deleted: bool = False) -> list[FileRecord]:
+        """One page of the index in path order: paths starting with `prefix` (a plain string prefix),
+        after `after` (the previous page's last path), at most `limit`; tombstones only if `deleted`."""
+        q = "SELECT * FROM files WHERE volume=? AND path > ?"
+        args: list[Any] = [volume, after]
+        if prefix:
+            q += " AND substr(path, 1, ?) = ?"
+            args += [len(prefix), prefix]
+        if not deleted:
+            q += " AND kind != 'deleted'"
+        q += " ORDER BY path LIMIT ?"
+        args.append(limit)
+        return [_row_to_file(r) for r in self.db.execute(q, args)]
+
+    def stat_index(self, volume: str) -> dict[str, tuple[str, int, int, int, int, int, int]]:
+        """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of every live path: what a rescan
+        compares with, as plain tuples (a fraction of the memory of full records)."""
+        return {r[0]: r[1:] for r in self.db.execute(
+            "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files WHERE volume=? AND kind != 'deleted'",
+            (volume,))}
+
     def file_paths(self, volume: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM files WHERE volume=? AND kind != 'deleted'",
                                               (volume,))}
