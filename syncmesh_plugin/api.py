@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, chunker, metrics, transfer
+from . import __version__, auth, chunker, metrics, transfer
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -17,24 +16,9 @@ if TYPE_CHECKING:
 def make_app(d: Daemon) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     sec = d.cfg.security
-
-    async def authorize(request: web.Request) -> None:
-        if not sec.auth_enabled:
-            return
-        header = request.headers.get("Authorization", "")
-        token = header[7:] if header.startswith("Bearer ") else ""
-        if not token or not any(hmac.compare_digest(token.encode(), str(t).encode()) for t in sec.auth_tokens):
-            raise web.HTTPUnauthorized(text='{"error": "missing or invalid bearer token"}',
-                                       content_type="application/json",
-                                       headers={"WWW-Authenticate": "Bearer"})
-
-    @web.middleware
-    async def auth_mw(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/api/v1/health":
-            await authorize(request)
-        return await handler(request)
-
-    app.middlewares.append(auth_mw)
+    app.middlewares.append(auth.make_middleware(
+        enabled=sec.auth_enabled, admin_tokens=sec.auth_tokens, readonly_tokens=sec.auth_readonly_tokens,
+        health_open=sec.health_open, max_body=1024 * 1024))
 
     async def health(request: web.Request) -> web.Response:
         comps = d.health()

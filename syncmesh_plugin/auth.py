@@ -1,0 +1,131 @@
+"""Bearer-token authorization for the daemon's HTTP server (API, metrics and the peer chunk routes).
+
+Two roles:
+
+- admin (`security.auth_tokens`): every endpoint. Peers are admins: the first admin token is what this
+  node sends to the others, and only admins may read chunks, i.e. volume data.
+- read-only (`security.auth_readonly_tokens`): GET/HEAD of the API and metrics (status, dashboards,
+  Prometheus). Never chunks, never a POST/PUT/DELETE.
+
+401 when no valid token was given (with `WWW-Authenticate: Bearer`), 403 when a valid token lacks the
+role. Tokens are compared in constant time against every configured token (no early exit, so the
+timing does not tell which token nearly matched). Oversized bodies are refused with 413 from the
+Content-Length header before a byte of the body is read, and unauthenticated requests never get as
+far as reading theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+ADMIN = "admin"
+READONLY = "readonly"
+HEALTH_PATH = "/api/v1/health"
+CHUNKS_PREFIX = "/api/v1/chunks/"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_LOG_EVERY = 10.0
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _log_refusal(request: web.Request, reason: str) -> None:
+    """One line per client and reason every 10 s: a scanner must not be able to flood the log."""
+    key = (str(request.remote), reason)
+    now = time.monotonic()
+    if now - _last_logged.get(key, -_LOG_EVERY) < _LOG_EVERY:
+        return
+    if len(_last_logged) > 4096:
+        _last_logged.clear()
+    _last_logged[key] = now
+    log.warning("refused %s %r from %s: %s", request.method, request.path[:200], request.remote, reason)
+
+
+def _digest(token: str) -> bytes:
+    # Comparing fixed-length digests keeps compare_digest's time independent of the tokens' lengths.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+class TokenChecker:
+    """Maps a presented token to its role in constant time; holds only digests of the tokens."""
+
+    def __init__(self, admin: Sequence[str], readonly: Sequence[str] = ()) -> None:
+        self._admin = [_digest(str(t)) for t in admin if t]
+        self._readonly = [_digest(str(t)) for t in readonly if t]
+
+    def role(self, token: str) -> str | None:
+        if not token:
+            return None
+        d = _digest(token)
+        is_admin = False
+        is_ro = False
+        for t in self._admin:
+            is_admin |= hmac.compare_digest(d, t)
+        for t in self._readonly:
+            is_ro |= hmac.compare_digest(d, t)
+        return ADMIN if is_admin else READONLY if is_ro else None
+
+
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def required_role(method: str, path: str) -> str:
+    """Chunks (volume data) and anything that is not a read need admin; other reads need read-only."""
+    if path.startswith(CHUNKS_PREFIX) or method.upper() not in READ_METHODS:
+        return ADMIN
+    return READONLY
+
+
+def _json_error(exc: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
+    return exc(text=json.dumps({"error": message}), content_type="application/json", headers=headers or None)
+
+
+def make_middleware(
+    *,
+    enabled: bool,
+    admin_tokens: Sequence[str],
+    readonly_tokens: Sequence[str] = (),
+    health_open: bool = True,
+    max_body: int | None = None,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The aiohttp middleware enforcing the rules above (and the Content-Length cap, auth on or off)."""
+    checker = TokenChecker(admin_tokens, readonly_tokens)
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if enabled and not (health_open and request.path == HEALTH_PATH):
+            role = checker.role(bearer_token(request))
+            if role is None:
+                metrics.rejected_input.labels("auth").inc()
+                _log_refusal(request, "missing or invalid bearer token")
+                raise _json_error(web.HTTPUnauthorized, "missing or invalid bearer token",
+                                  **{"WWW-Authenticate": 'Bearer realm="syncmesh"'})
+            if required_role(request.method, request.path) == ADMIN and role != ADMIN:
+                metrics.rejected_input.labels("auth").inc()
+                _log_refusal(request, "read-only token on an admin endpoint")
+                raise _json_error(web.HTTPForbidden, "this token is read-only; an admin token is required")
+        if max_body is not None and request.content_length is not None and request.content_length > max_body:
+            metrics.rejected_input.labels("api").inc()
+            _log_refusal(request, f"body of {request.content_length} bytes (limit {max_body})")
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=max_body, actual_size=request.content_length, content_type="application/json",
+                text=json.dumps({"error": f"request body exceeds {max_body} bytes"}),
+                headers={"Connection": "close"})
+        return await handler(request)
+
+    return auth_middleware
