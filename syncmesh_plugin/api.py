@@ -39,34 +39,14 @@ def make_app(d: Daemon) -> web.Application:
         body = generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def volumes(request: web.Request) -> web.Response:
-        vm = d.manager
-        if vm is None:
-            return web.json_response({"error": "starting"}, status=503)
-        out = []
-        for v in vm.list():
-            rec = d.state.volume(v["Name"]) or {}
-            out.append({"name": v["Name"], "mountpoint": v["Mountpoint"], "created_at": v["CreatedAt"],
-                        **vm.status(v["Name"], rec)})
-        return web.json_response({"volumes": out})
-
-    async def volume(request: web.Request) -> web.Response:
-        vm = d.manager
-        name = request.match_info["name"]
-        if vm is None:
-            return web.json_response({"error": "starting"}, status=503)
-        rec = d.state.volume(name)
-        if rec is None:
-            return web.json_response({"error": f"no such volume: {name}"}, status=404)
-        return web.json_response({"name": name, **vm.status(name, rec)})
-
     if d.cfg.monitoring.enabled:
         app.router.add_get("/metrics", prom)
         app.router.add_get("/api/v1/metrics", prom)
     app.router.add_get("/api/v1/health", health)
     app.router.add_get("/api/v1/info", info)
-    app.router.add_get("/api/v1/volumes", volumes)
-    app.router.add_get("/api/v1/volumes/{name}", volume)
+    from . import opsapi  # the operations API (kept in its own module)
+
+    opsapi.add_routes(app, d)  # status page, OpenAPI, cluster, sync, volumes, files, events
     transfer.add_routes(app, d.chunk_source, encode_frame=chunker.encode_frame,
                         compress_default=d.cfg.sync.compression_enabled)
     return app

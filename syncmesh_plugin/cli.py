@@ -146,3 +146,49 @@ def volumes(config: str | None, api: str | None, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@main.group("certs")
+def certs_group() -> None:
+    """A private CA and node certificates for mutual TLS (for users without a PKI)."""
+
+
+@certs_group.command("init")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="where ca.pem and ca-key.pem are written")
+@click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500))
+@click.option("--force", is_flag=True, help="overwrite an existing CA (every node certificate must be reissued)")
+def certs_init(directory: str, days: int, force: bool) -> None:
+    """Create a CA: ca.pem (give it to every node) and ca-key.pem (mode 0600; keep it off the nodes)."""
+    from .certs import CertError, init_ca
+
+    try:
+        out = init_ca(directory, days=days, force=force)
+    except (CertError, OSError) as exc:
+        click.echo(f"syncmesh-plugin: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {out.cert} and {out.key}")
+
+
+@certs_group.command("issue")
+@click.argument("node")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="directory holding the CA; NODE.pem and NODE-key.pem are written there")
+@click.option("--host", "hosts", multiple=True, metavar="NAME_OR_IP",
+              help="an address peers use to reach this node (repeatable); localhost and 127.0.0.1 are always in")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500))
+@click.option("--force", is_flag=True, help="overwrite existing files")
+def certs_issue(node: str, directory: str, hosts: tuple[str, ...], days: int, force: bool) -> None:
+    """Issue NODE.pem / NODE-key.pem signed by the CA, valid as server and client certificate."""
+    from os.path import join
+
+    from .certs import CertError, issue
+
+    try:
+        out = issue(directory, node, hosts, days=days, force=force)
+    except (CertError, OSError) as exc:
+        click.echo(f"syncmesh-plugin: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {out.cert} and {out.key}")
+    click.echo(f"  security.tls_cert_file: {out.cert}\n  security.tls_key_file: {out.key}\n"
+               f"  security.tls_ca_file: {join(directory, 'ca.pem')}")

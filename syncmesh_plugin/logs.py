@@ -26,9 +26,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str, fmt: str) -> None:
+class _NodeField(logging.Filter):
+    """Every line names the node it comes from (a field set explicitly, e.g. a peer's id, wins)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "node"):
+            record.node = self.node
+        return True
+
+
+def setup_logging(level: str, fmt: str, node: str = "") -> None:
     # stdout: dockerd records a managed plugin's stdout at info level and its stderr at error level.
     handler = logging.StreamHandler(sys.stdout)
+    if node:
+        handler.addFilter(_NodeField(node))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
