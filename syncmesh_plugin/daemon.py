@@ -27,7 +27,6 @@ from .etcd_embedded import EmbeddedEtcd
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
 from .ops import Ops
-from .ops import Ops
 from .state import LocalState
 from .transfer import PeerClient, TransferMetrics
 from .volumes import VolumeManager
@@ -74,7 +73,6 @@ class Daemon:
         self._nodes_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._holders_cache: dict[str, tuple[float, list[str]]] = {}
         self.plugin_listening = False
-        self.ops = Ops(self)  # event bus, cluster view, per-node progress (API, status page, metrics)
         self.ops = Ops(self)  # event bus, cluster view, per-node progress (API, status page, metrics)
 
     # ---- start-up
@@ -180,7 +178,6 @@ class Daemon:
                 backoff = min(backoff * 2, 5.0)
         self._tasks.append(asyncio.create_task(self._monitor_etcd(), name="etcd-monitor"))
         self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
-        self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
         self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
 
     async def _connect(self) -> None:
@@ -293,7 +290,6 @@ class Daemon:
         paused = {n: vs.paused for n, vs in (self.engine.volumes.items() if self.engine else []) if vs.paused}
         comps["volumes"] = {"ok": not paused, "paused": paused}
         comps["peers"] = self.ops.peers_health()
-        comps["peers"] = self.ops.peers_health()
         return comps
 
     def refresh_gauges(self) -> None:
@@ -343,4 +339,3 @@ async def run_daemon(cfg: Config) -> int:
     finally:
         await d.stop()
     return d.exit_code
-
