@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp
+from etcd3aio.errors import EtcdUnauthenticatedError
 
 from .config import EtcdConfig
 
@@ -119,6 +121,8 @@ class EtcdStore:
         self.timeout = float(cfg.timeout)
         self._client: Etcd3Client | None = None
         self._refresher: Any = None
+        self._reauth_lock: asyncio.Lock | None = None
+        self._reauth_at = 0.0
         self.request_hook: Callable[[str, float, bool], None] | None = None  # metrics: (op, seconds, ok)
 
     # ---- keys
@@ -138,16 +142,9 @@ class EtcdStore:
     async def connect(self) -> None:
         """Open the channel and check that etcd answers; raise EtcdUnavailable otherwise."""
         resolved = await resolve_endpoints(self.endpoints)
-        tls: dict[str, bytes | None] = {}
-        if self.cfg.tls_ca_file:
-            with open(self.cfg.tls_ca_file, "rb") as fh:
-                tls["ca_cert"] = fh.read()
-            if self.cfg.tls_cert_file and self.cfg.tls_key_file:
-                with open(self.cfg.tls_cert_file, "rb") as fh:
-                    tls["cert_chain"] = fh.read()
-                with open(self.cfg.tls_key_file, "rb") as fh:
-                    tls["cert_key"] = fh.read()
-        server_name = self.cfg.tls_server_name or (urlsplit(self.endpoints[0]).hostname if tls else None)
+        tls = self._tls_material()
+        first = self.endpoints[0] if "://" in self.endpoints[0] else f"https://{self.endpoints[0]}"
+        server_name = self.cfg.tls_server_name or (urlsplit(first).hostname if tls else None)
         client = Etcd3Client(resolved, tls_server_name=server_name or None, rpc_max_attempts=2,
                              watch_max_reconnect_backoff_seconds=2.0, **tls)
         # gRPC's default reconnect backoff grows to 120 s: after an etcd restart we would sit idle for
@@ -161,10 +158,36 @@ class EtcdStore:
             if self.cfg.username:
                 self._refresher = client.token_refresher(self.cfg.username, str(self.cfg.password))
                 await asyncio.wait_for(self._refresher.__aenter__(), self.timeout)
-            await asyncio.wait_for(client.ping(write_check=False, timeout=self.timeout), self.timeout + 1)
+            await asyncio.wait_for(client.kv.get(self.key("ping"), timeout=self.timeout), self.timeout + 1)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             await self.close()
             raise _wrap(exc, f"connect to {', '.join(self.endpoints)}") from None
+
+    def _tls_material(self) -> dict[str, bytes | None]:
+        """TLS when a CA is given, an https:// endpoint is used or a client certificate is configured
+        (without a CA file the system's trust store checks etcd's certificate)."""
+        wants_tls = (bool(self.cfg.tls_ca_file or self.cfg.tls_cert_file)
+                     or any(ep.startswith("https://") for ep in self.endpoints))
+        if not wants_tls:
+            return {}
+        tls: dict[str, bytes | None] = {}
+        try:
+            if self.cfg.tls_ca_file:
+                with open(self.cfg.tls_ca_file, "rb") as fh:
+                    tls["ca_cert"] = fh.read()
+            else:
+                paths = ssl.get_default_verify_paths()
+                cafile = paths.cafile or paths.openssl_cafile
+                with open(cafile, "rb") as fh:
+                    tls["ca_cert"] = fh.read()
+            if self.cfg.tls_cert_file and self.cfg.tls_key_file:
+                with open(self.cfg.tls_cert_file, "rb") as fh:
+                    tls["cert_chain"] = fh.read()
+                with open(self.cfg.tls_key_file, "rb") as fh:
+                    tls["cert_key"] = fh.read()
+        except OSError as exc:
+            raise EtcdUnavailable(f"cannot read etcd TLS file {exc.filename}: {exc.strerror}") from None
+        return tls
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -186,7 +209,13 @@ class EtcdStore:
         t0 = time.monotonic()
         ok = False
         try:
-            res = await fn()
+            try:
+                res = await fn()
+            except EtcdUnauthenticatedError:
+                # etcd forgets simple tokens when it restarts: authenticate again once, then retry.
+                if not self.cfg.username or not await self._reauthenticate():
+                    raise
+                res = await fn()
             ok = True
             return res
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
@@ -195,9 +224,32 @@ class EtcdStore:
             if self.request_hook is not None:
                 self.request_hook(what, time.monotonic() - t0, ok)
 
+    async def _reauthenticate(self) -> bool:
+        """Get a fresh token once for all the calls that just failed together; True if we hold one."""
+        if self._reauth_lock is None:
+            self._reauth_lock = asyncio.Lock()
+        tried_at = time.monotonic()
+        async with self._reauth_lock:
+            if self._reauth_at >= tried_at:
+                return True  # another call authenticated while we waited
+            client = self.client
+            client.set_token(None)  # etcd rejects Authenticate itself when it carries a stale token
+            try:
+                resp = await client.auth.authenticate(self.cfg.username, str(self.cfg.password),
+                                                      timeout=self.timeout)
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+                log.warning("etcd re-authentication as %s failed: %s", self.cfg.username, type(exc).__name__)
+                return False
+            client.set_token(resp.token)
+            self._reauth_at = time.monotonic()
+            log.info("re-authenticated to etcd as %s", self.cfg.username)
+            return True
+
     # ---- basic operations
     async def ping(self) -> None:
-        await self._call("status", lambda: self.client.ping(write_check=False, timeout=self.timeout))
+        # A read inside our prefix (etcd3aio's ping reads a key outside it, which a user whose role only
+        # covers the prefix may not do).
+        await self._call("status", lambda: self.client.kv.get(self.key("ping"), timeout=self.timeout))
 
     async def get(self, key: bytes) -> KV | None:
         resp = await self._call("get", lambda: self.client.kv.get(key, timeout=self.timeout))
