@@ -82,3 +82,11 @@ e2e-deps:
 # Needs root. Not part of `make test`.
 e2e: install e2e-deps
 	$(BIN)/python -m pytest tests/e2e -m e2e -v -p no:cacheprovider $(E2E_ARGS)
+
+# Property-based fuzzing (hypothesis) of path validation, manifest decoding, the Docker protocol
+# handlers and the API/peer request parsing. `make test` runs the same tests briefly (profile ci).
+FUZZ_PROFILE ?= fuzz
+.PHONY: fuzz
+fuzz: install
+	HYPOTHESIS_PROFILE=$(FUZZ_PROFILE) $(BIN)/python -m pytest tests/unit -m fuzz -q -p no:cacheprovider \
+	  --timeout 900 $(FUZZ_ARGS)

@@ -89,9 +89,9 @@ def make_app(get_manager: Callable[[], VolumeManager | None]) -> web.Application
             raw = await request.read()
             try:
                 body = json.loads(raw) if raw.strip() else {}
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 metrics.rejected_input.labels("docker").inc()
-                return _err(f"malformed request body: {exc}")
+                return _err(f"malformed request body: {type(exc).__name__}: {str(exc)[:200]}")
             if not isinstance(body, dict):
                 metrics.rejected_input.labels("docker").inc()
                 return _err("malformed request body: expected a JSON object")

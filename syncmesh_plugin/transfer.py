@@ -174,7 +174,7 @@ def add_routes(
             return _error(413, f"request body exceeds {max_body} bytes")
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
             return _error(400, "body is not valid JSON")
         if not isinstance(payload, dict) or not isinstance(payload.get("ids"), list):
             return _error(400, "body must be an object with an 'ids' list")
