@@ -1,0 +1,261 @@
+"""Operations support for the daemon: event bus, cluster view, per-node progress, summaries.
+
+One background loop (`Ops.run`, once a second once etcd answers):
+- reads the live node list: `peer_up` / `peer_down` events, `syncmesh_cluster_nodes`, the housekeeping
+  leader (the live node with the smallest id: deterministic, no extra etcd traffic, and it moves as
+  soon as a lease expires) and `syncmesh_cluster_leader`;
+- publishes, for every held volume whose progress changed, `applied/<volume>/<node>` =
+  {"revision", "ready", "pending", "lag_seconds", "at"} under the node's lease: the etcd revision
+  this node has applied the volume up to. A node has a path's version when its applied revision is
+  at least the manifest's mod_revision; a node has converged on a volume when its applied revision
+  reaches the latest mod_revision under the volume's files prefix;
+- refreshes gauges (watches, circuit breakers, pending items) and drops labels of volumes no longer held;
+- every `summary_interval` seconds logs one progress line per busy volume (never one per file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import metrics
+from .events import EventBus
+from .meta import EtcdUnavailable, dumps, loads
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class Ops:
+    def __init__(self, d: Daemon, interval: float = 1.0, summary_interval: float = 10.0) -> None:
+        self.d = d
+        self.node = d.cfg.node_id
+        self.bus = EventBus(self.node)
+        self.interval = interval
+        self.summary_interval = summary_interval
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.nodes_at = 0.0
+        self.leader = ""
+        self._known_nodes: set[str] | None = None
+        self._applied: dict[str, dict[str, Any]] = {}
+        self._counters: dict[str, tuple[int, int]] = {}
+        self._summary_at = time.monotonic()
+        self._pending_labels: set[str] = set()
+
+    # ---- events
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        self.bus.publish(kind, data)
+
+    def close(self) -> None:
+        self.bus.close()
+
+    # ---- the loop
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(EtcdUnavailable):
+                await self.tick()
+            await asyncio.sleep(self.interval)
+
+    async def tick(self) -> None:
+        self.refresh_gauges()
+        self._summaries()
+        await self._refresh_nodes()
+        await self._publish_applied()
+
+    async def _refresh_nodes(self) -> None:
+        m = self.d.membership
+        if m is None:
+            return
+        nodes = await m.nodes()
+        self.nodes, self.nodes_at = nodes, time.time()
+        metrics.nodes_in_cluster.set(len(nodes))
+        self.leader = min(nodes) if nodes else ""
+        metrics.leader.set(1 if self.leader == self.node else 0)
+        live = set(nodes)
+        if self._known_nodes is not None:
+            for n in sorted(live - self._known_nodes):
+                if n != self.node:
+                    log.info("peer %s up (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
+                    self.emit("peer_up", {"node": n, "advertise": nodes[n].get("advertise", "")})
+            for n in sorted(self._known_nodes - live):
+                if n != self.node:
+                    log.info("peer %s down", n, extra={"peer": n})
+                    self.emit("peer_down", {"node": n})
+        self._known_nodes = live
+
+    def progress(self, name: str) -> dict[str, Any] | None:
+        vs = self.d.engine.volumes.get(name) if self.d.engine else None
+        if vs is None:
+            return None
+        # The stored revision stays below any deferred change (so a restart replays it) and only moves
+        # with the next watch batch; with nothing deferred the last batch seen is how far we really are.
+        rev = self.d.state.revision(name)
+        if not vs.deferred:
+            rev = max(rev, vs.status.revision)
+        return {"revision": rev, "ready": vs.ready.is_set(),
+                "pending": len(vs.dirty) + len(vs.deferred), "lag_seconds": round(vs.status.lag_seconds, 4)}
+
+    async def _publish_applied(self) -> None:
+        m = self.d.membership
+        if m is None or self.d.engine is None:
+            return
+        held = set(self.d.engine.volumes)
+        for name in list(self._applied):
+            if name not in held:
+                # Removed (the cluster deleted applied/<volume>/) or detached: stop re-binding it.
+                m.forget(m.store.key("applied", name, self.node))
+                del self._applied[name]
+        for name in sorted(held):
+            rec = self.progress(name)
+            if rec is None or rec == self._applied.get(name) or self.d.state.volume(name) is None:
+                continue
+            await m.bind(m.store.key("applied", name, self.node), dumps({**rec, "at": round(time.time(), 3)}))
+            self._applied[name] = rec
+
+    def refresh_gauges(self) -> None:
+        d = self.d
+        if d.engine is None:
+            return
+        vols = d.engine.volumes
+        metrics.watches.set(sum(vs.watcher.watch_count for vs in vols.values() if vs.watcher is not None))
+        for name, vs in vols.items():
+            metrics.pending_items.labels(name).set(len(vs.dirty) + len(vs.deferred))
+        for name in self._pending_labels - set(vols):
+            with contextlib.suppress(KeyError):
+                metrics.pending_items.remove(name)
+        self._pending_labels = set(vols)
+        if d.peer_client is not None:
+            for n, rec in self.nodes.items():
+                url = rec.get("advertise", "")
+                if url and n != self.node:
+                    metrics.peer_breaker_open.labels(n).set(1 if d.peer_client.breaker_state(url) == "open" else 0)
+            for labels in list(metrics.peer_breaker_open._metrics):  # bounded: only live nodes keep a series
+                if labels[0] not in self.nodes:
+                    with contextlib.suppress(KeyError):
+                        metrics.peer_breaker_open.remove(*labels)
+
+    def _summaries(self) -> None:
+        now = time.monotonic()
+        if now - self._summary_at < self.summary_interval or self.d.engine is None:
+            return
+        took = now - self._summary_at
+        self._summary_at = now
+        for name, vs in self.d.engine.volumes.items():
+            cur = (vs.status.published, vs.status.applied)
+            pub0, app0 = self._counters.get(name, (0, 0))
+            self._counters[name] = cur
+            if cur == (pub0, app0):
+                continue
+            pending = len(vs.dirty) + len(vs.deferred)
+            log.info("volume %s: published %d, applied %d in the last %.0fs; %d pending, revision %d", name,
+                     cur[0] - pub0, cur[1] - app0, took, pending, self.d.state.revision(name),
+                     extra={"volume": name, "count": cur[0] - pub0 + cur[1] - app0, "duration": round(took, 3)})
+        for name in list(self._counters):
+            if name not in self.d.engine.volumes:
+                del self._counters[name]
+
+    # ---- views used by the API
+    def peers_health(self) -> dict[str, Any]:
+        pc = self.d.peer_client
+        peers = {}
+        for n, rec in sorted(self.nodes.items()):
+            if n == self.node:
+                continue
+            url = rec.get("advertise", "")
+            peers[n] = {"advertise": url, "circuit": pc.breaker_state(url) if pc and url else "closed"}
+        open_ = [n for n, p in peers.items() if p["circuit"] == "open"]
+        # A peer being down does not make this node unhealthy, unless it can reach none of them.
+        return {"ok": not peers or len(open_) < len(peers), "peers": peers, "open": open_}
+
+    async def live_nodes(self, max_age: float = 2.0) -> dict[str, dict[str, Any]]:
+        if self.d.membership is not None and time.time() - self.nodes_at >= max_age:
+            with contextlib.suppress(EtcdUnavailable):
+                self.nodes, self.nodes_at = await self.d.membership.nodes(), time.time()
+        return self.nodes
+
+    async def convergence(self, volume: str) -> dict[str, Any]:
+        """Every holder's applied revision against the latest change of the volume (needs etcd)."""
+        store = self.d.store
+        if store is None:
+            raise EtcdUnavailable("etcd is not connected")
+        latest = await store.latest_revision(store.files_prefix(volume))
+        _, holders = await store.get_all(store.key("holders", volume) + b"/")
+        _, applied = await store.get_all(store.key("applied", volume) + b"/")
+        nodes = await self.live_nodes(max_age=1.0)
+        recs: dict[str, dict[str, Any]] = {}
+        for kv in applied:
+            with contextlib.suppress(ValueError, AttributeError):
+                rec = loads(kv.value)
+                if isinstance(rec, dict):
+                    recs[kv.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace")] = rec
+        mine = self.progress(volume)
+        if mine is not None:
+            recs[self.node] = {**mine, "at": time.time()}
+        names = {kv.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace") for kv in holders} | set(recs)
+        out = []
+        for n in sorted(names):
+            rec = recs.get(n, {})
+            rev = int(rec.get("revision", 0) or 0)
+            out.append({"node": n, "live": n in nodes, "applied_revision": rev,
+                        "behind_revisions": max(0, latest - rev), "converged": rev >= latest,
+                        "ready": bool(rec.get("ready", False)), "pending": int(rec.get("pending", 0) or 0),
+                        "lag_seconds": float(rec.get("lag_seconds", 0.0) or 0.0),
+                        "updated_at": float(rec.get("at", 0.0) or 0.0)})
+        return {"volume": volume, "latest_revision": latest, "nodes": out,
+                "converged": bool(out) and all(x["converged"] for x in out if x["live"])}
+
+    async def applied_by_node(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """node -> volume -> applied record, from etcd (this node's own from memory)."""
+        store = self.d.store
+        if store is None:
+            raise EtcdUnavailable("etcd is not connected")
+        _, kvs = await store.get_all(store.key("applied") + b"/")
+        base = len(store.key("applied") + b"/")
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for kv in kvs:
+            parts = kv.key[base:].decode("utf-8", "replace").split("/")
+            if len(parts) != 2:
+                continue
+            with contextlib.suppress(ValueError):
+                rec = loads(kv.value)
+                if isinstance(rec, dict):
+                    out.setdefault(parts[1], {})[parts[0]] = rec
+        if self.d.engine is not None:
+            for name in self.d.engine.volumes:
+                p = self.progress(name)
+                if p is not None:
+                    out.setdefault(self.node, {})[name] = p
+        return out
+
+    async def holders_by_node(self) -> dict[str, list[str]]:
+        """node -> volumes it holds a replica of (holders/<volume>/<node>, bound to the node's lease)."""
+        store = self.d.store
+        if store is None:
+            raise EtcdUnavailable("etcd is not connected")
+        _, kvs = await store.get_all(store.key("holders") + b"/")
+        base = len(store.key("holders") + b"/")
+        out: dict[str, list[str]] = {}
+        for kv in kvs:
+            parts = kv.key[base:].decode("utf-8", "replace").split("/")
+            if len(parts) == 2:
+                out.setdefault(parts[1], []).append(parts[0])
+        return {n: sorted(v) for n, v in out.items()}
+
+    async def etcd_members(self) -> dict[str, Any]:
+        store = self.d.store
+        if store is None:
+            raise EtcdUnavailable("etcd is not connected")
+        client = store.client
+        resp = await store._call("member_list", lambda: client.cluster.member_list(timeout=store.timeout))
+        leader = 0
+        with contextlib.suppress(EtcdUnavailable):
+            st = await store._call("status", lambda: client.maintenance.status(timeout=store.timeout))
+            leader = int(st.leader)
+        return {"leader": f"{leader:x}" if leader else "", "members": [
+            {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
+             "learner": bool(m.isLearner), "leader": m.ID == leader} for m in resp.members]}
