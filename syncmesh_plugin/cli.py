@@ -14,6 +14,7 @@ from typing import Any
 import click
 import yaml
 
+from . import admin
 from .config import Config, ConfigError, as_dict, load_config
 
 
@@ -75,7 +76,7 @@ def serve(config: str | None) -> None:
     from .daemon import run_daemon
     from .logs import setup_logging
 
-    setup_logging(cfg.log_level, cfg.log_format)
+    setup_logging(cfg.log_level, cfg.log_format, node=cfg.node_id)
     sys.exit(asyncio.run(run_daemon(cfg)))
 
 
@@ -96,56 +97,8 @@ def config_show(config: str | None, as_json: bool) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
-@main.command()
-@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path())
-@click.option("--api", help="node API base URL, e.g. http://10.0.0.5:7946")
-@click.option("--json", "as_json", is_flag=True)
-def status(config: str | None, api: str | None, as_json: bool) -> None:
-    """Node, etcd and volume status. Exit 1 when the node reports a problem."""
-    cfg = _load(config)
-    code, health = _get(cfg, api, "/api/v1/health")
-    _, info = _get(cfg, api, "/api/v1/info")
-    _, vols = _get(cfg, api, "/api/v1/volumes")
-    if as_json:
-        click.echo(json.dumps({"health": health, "info": info, "volumes": vols}, indent=2))
-    else:
-        click.echo(f"node      {info.get('node_id')}  ({info.get('advertise')})  version {info.get('version')}")
-        for name, comp in health.get("components", {}).items():
-            state = "ok" if comp.get("ok") else "FAILING"
-            detail = comp.get("error") or ""
-            click.echo(f"{name:<14}{state}  {detail}".rstrip())
-        for v in (vols or {}).get("volumes", []):
-            s = v.get("sync", {})
-            click.echo(f"volume    {v['name']}: {'in sync' if s.get('ready') else 'syncing'}, "
-                       f"{s.get('files', 0)} files, {s.get('pending', 0)} pending")
-    sys.exit(0 if code == 200 else 1)
-
-
-@main.command()
-@click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path())
-@click.option("--api", help="node API base URL")
-@click.option("--json", "as_json", is_flag=True)
-def volumes(config: str | None, api: str | None, as_json: bool) -> None:
-    """Table of volumes known to the cluster and their state on this node."""
-    cfg = _load(config)
-    code, data = _get(cfg, api, "/api/v1/volumes")
-    if code != 200:
-        click.echo(f"syncmesh-plugin: {data.get('error', data)}", err=True)
-        sys.exit(1)
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    rows = [("NAME", "HELD", "STATE", "FILES", "BYTES", "PENDING", "MOUNTS", "CONFLICT MODE")]
-    for v in data["volumes"]:
-        s = v.get("sync", {})
-        opts = v.get("options", {})
-        rows.append((v["name"], "yes" if s.get("held") else "no",
-                     ("in sync" if s.get("ready") else "syncing") if s.get("held") else "-",
-                     str(s.get("files", "-")), str(s.get("bytes", "-")), str(s.get("pending", "-")),
-                     str(v.get("mounts_here", 0)), opts.get("conflict_resolution", "(node default)")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+# status, nodes, volumes, inspect, files, conflicts, verify, resync, watch: see admin.py
+admin.register(main)
 
 
 @main.group("certs")
