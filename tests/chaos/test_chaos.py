@@ -1,0 +1,281 @@
+"""Fault-injection scenarios (issue 6). Each: writers on every node, one fault, heal, check invariants.
+
+Invariants (chaoslib.check): after healing every node converges (bounded) to an identical tree, no
+`.syncmesh-tmp-*` file is left, and every completed write is present, superseded (a later write of
+the same writer, or a write made on top of it), or kept as a conflict copy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chaoslib import (
+    ChaosNetwork,
+    Scenario,
+    fill,
+    log,
+    log_lines,
+    mount_tmpfs,
+    netns_available,
+    record,
+    sigcont,
+    sigstop,
+    temp_files,
+    tree,
+)
+
+
+@pytest.fixture
+def scenario(tmp_path: Path, seed: int) -> Iterator[Callable[..., Scenario]]:
+    made: list[Scenario] = []
+
+    def make(name: str, **kw: Any) -> Scenario:
+        s = Scenario(name, seed, tmp_path, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        failed = not getattr(s, "verdict", None) or s.verdict.problems()
+        if failed:
+            for nd in s.nodes:
+                print(f"---- {nd.name} log (tail) ----\n{nd.log()[-4000:]}")
+        s.close()
+
+
+def conclude(s: Scenario, timeout: float = 120.0, known: dict[str, tuple[str, Callable[[], bool]]] | None = None,
+             ) -> dict[str, Any]:
+    """Check the invariants; fail, or xfail when every broken invariant is a diagnosed engine bug.
+
+    known: kind (divergent, lost, temp) -> (reason, evidence): the xfail applies only if the evidence
+    (e.g. the daemon log line that shows the diagnosed cause) is there, so anything else still fails.
+    """
+    row = s.finish(timeout)
+    record(row)
+    log(f"{s.name} seed {s.seed}: {row}")
+    if row["problems"]:
+        known = known or {}
+        diagnosed = [known[k] for k in row["kinds"] if k in known and known[k][1]()]
+        if len(diagnosed) == len(row["kinds"]):
+            row["xfail"] = True
+            pytest.xfail(" | ".join(r for r, _ in diagnosed) + " -- observed: " + " / ".join(row["problems"])[:1500])
+    assert not row["problems"], "\n".join(row["problems"])
+    return row
+
+
+def first_temp(nodes: list[Any], volume: str) -> Any:
+    for nd in nodes:
+        if temp_files(nd.vol(volume)):
+            return nd
+    return None
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+def test_sigkill_mid_transfer(scenario, seed, short):
+    """A daemon (the receiver or the sender, by seed) is killed with SIGKILL while a large file moves."""
+    s = scenario("sigkill-mid-transfer").start()
+    a, b, c = s.nodes
+    s.start_writers()
+    s.sleep(2)
+    victim_role = s.rng.choice(["receiver", "sender"])
+    size = (32 if short else 64) << 20
+    data = s.rng.randbytes(size)
+    log(f"writing {size >> 20} MiB on n1; the {victim_role} gets SIGKILL mid-transfer")
+    assert s.one_write(a, "large/big.bin", data)
+    # mid-transfer = a temp file of the large file exists on a receiver
+    deadline = time.monotonic() + 60
+    rx = None
+    while time.monotonic() < deadline and rx is None:
+        rx = first_temp([b, c], s.volume)
+        time.sleep(0.01)
+    assert rx is not None, "no transfer seen within 60 s"
+    victim = rx if victim_role == "receiver" else a
+    victim.kill()
+    s.notes.append(f"killed {victim.name} ({victim_role}) mid-transfer")
+    s.sleep(s.rng.uniform(0.5, 3))
+    victim.start()
+    s.heal_now()
+    s.expect(tree(s.nodes[1].vol(s.volume)).get("large/big.bin") == tree(a.vol(s.volume)).get("large/big.bin"),
+             "large", "the large file did not arrive intact")
+    conclude(s, known={"temp": (
+        "engine bug: a daemon killed (SIGKILL) while staging a file leaves its .syncmesh-tmp-* file behind; "
+        "the restarted daemon never removes it (no sweep of temp files at start)",
+        lambda: all(not t or n is victim for n, t in ((n, temp_files(n.vol(s.volume))) for n in s.nodes)))})
+
+
+# ------------------------------------------------------------------------------------------ etcd
+@pytest.mark.parametrize("variant", ["stop", pytest.param("compact", marks=pytest.mark.chaos_slow)])
+def test_etcd_outage(scenario, seed, short, variant):
+    """etcd down (20 s, 8 s short); Mount of a held volume keeps working; queued changes are published.
+
+    compact: a node is frozen (SIGSTOP) across the outage, etcd compacts its history after the restart,
+    so the node must reconcile from a full read when it wakes up.
+    """
+    s = scenario(f"etcd-{variant}").start()
+    a, b, c = s.nodes
+    s.start_writers()
+    s.sleep(3)
+    outage = 8 if short else 20
+    if variant == "compact":
+        sigstop(c)
+    s.etcd.stop()
+    t_down = time.monotonic()
+    log(f"etcd stopped for {outage}s")
+    s.sleep(2)
+    # graceful degradation: Docker calls on volumes known locally keep working
+    t0 = time.monotonic()
+    mp = a.mount(s.volume, f"outage-{uuid.uuid4().hex[:6]}")
+    took = time.monotonic() - t0
+    assert mp == a.vol(s.volume), mp
+    assert took < 5, f"Mount of a held volume took {took:.1f}s with etcd down"
+    a.ok("VolumeDriver.Get", {"Name": s.volume})
+    a.ok("VolumeDriver.Path", {"Name": s.volume})
+    s.notes.append(f"Mount with etcd down: {took * 1000:.0f} ms")
+    time.sleep(max(0, outage - (time.monotonic() - t_down)))
+    s.etcd.start()
+    if variant == "compact":
+        for nd in (a, b):
+            nd.wait_healthy(30)
+        s.sleep(3)  # a and b publish what they queued; c stays behind
+        rev = s.etcd.compact()
+        s.notes.append(f"compacted at revision {rev}")
+        sigcont(c)
+    s.heal_now()
+    conclude(s)
+    if variant == "compact":
+        s.notes.append(f"n3: {log_lines(c, 'compact', 'reconcil', limit=2)}")
+
+
+# ------------------------------------------------------------------------------------------ partition
+def test_partition(scenario, seed, short):
+    """One node's cable is cut (veth down) for 30 s (10 s short), then restored."""
+    why = netns_available()
+    if why:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    net = ChaosNetwork(3).setup()
+    s = scenario("partition", net=net).start()
+    s.start_writers()
+    s.sleep(3)
+    k = s.rng.randrange(1, 4)
+    dur = 10 if short else 30
+    log(f"partitioning n{k} for {dur}s")
+    net.link(k, up=False)
+    s.notes.append(f"n{k} cut off for {dur}s")
+    s.sleep(dur)
+    net.link(k, up=True)
+    s.heal_now()
+    conclude(s)
+
+
+# ------------------------------------------------------------------------------------------ sole holder
+def test_peer_unreachable_sole_holder(scenario, seed, short):
+    """The only holder of new chunks becomes unreachable (frozen or killed) before anyone fetched them.
+
+    The others must not stall: their own changes keep flowing between them meanwhile. When the holder
+    returns, the deferred file arrives.
+    """
+    s = scenario("sole-holder-unreachable").start()
+    a, b, c = s.nodes
+    s.start_writers()
+    s.sleep(2)
+    how = s.rng.choice(["sigstop", "sigkill"])
+    sigstop(b)
+    sigstop(c)
+    data = s.rng.randbytes(s.rng.choice([200_000, 3 << 20, 20 << 20]))
+    assert s.one_write(a, "sole/only-on-n1.bin", data)
+    s.wait_published(a, "sole/only-on-n1.bin", len(data))
+    if how == "sigstop":
+        sigstop(a)
+    else:
+        a.kill()
+    sigcont(b)
+    sigcont(c)
+    log(f"n1 ({how}) is the only holder; n2/n3 resumed")
+    # later changes still flow between the reachable nodes
+    probe = f"probe-{uuid.uuid4().hex[:6]}.txt"
+    assert s.one_write(c, probe, b"written on n3 while n1 is away " + os.urandom(8))
+    t0 = time.monotonic()
+    deadline = t0 + 30
+    while time.monotonic() < deadline and not (b.vol(s.volume) / probe).exists():
+        time.sleep(0.1)
+    flowed = (b.vol(s.volume) / probe).exists()
+    s.notes.append(f"n1 {how}; n3->n2 while n1 away: {'%.1fs' % (time.monotonic() - t0) if flowed else 'STALLED'}")
+    s.sleep(max(0, 12 - (time.monotonic() - t0)))
+    if how == "sigstop":
+        sigcont(a)
+    else:
+        a.start()
+    s.heal_now()
+    s.expect(flowed, "stall", "changes between reachable nodes stalled while the sole holder was away")
+    conclude(s)
+
+
+# ------------------------------------------------------------------------------------------ disk full
+def test_disk_full(scenario, seed, short):
+    """n2's volumes live on a 64 MiB tmpfs that fills up: clear errors, no temp files, resumes later."""
+    holder: dict[str, Path] = {}
+
+    def pre(s: Scenario) -> None:
+        vols = s.nodes[1].data_root / "volumes"
+        mount_tmpfs(vols, 64)
+        s.mounts.append(vols)
+        holder["vols"] = vols
+
+    s = scenario("disk-full", pre_start=pre).start()
+    a, b, _c = s.nodes
+    s.start_writers()
+    s.sleep(3)
+    ballast = fill(holder["vols"], 128 << 10)
+    log("n2's disk is full")
+    data = s.rng.randbytes(s.rng.choice([3 << 20, 24 << 20]))
+    assert s.one_write(a, "fat/incoming.bin", data)
+    s.sleep(8)
+    assert b.proc is not None and b.proc.poll() is None, "n2 died on a full disk"
+    # no partial files: no temp files lingering (two looks a second apart), no half-written incoming file
+    t1 = set(temp_files(b.vol(s.volume)))
+    time.sleep(1)
+    lingering = t1 & set(temp_files(b.vol(s.volume)))
+    inc = b.vol(s.volume) / "fat/incoming.bin"
+    partial = inc.exists() and inc.stat().st_size != len(data)
+    errs = log_lines(b, "No space left", "ENOSPC", "disk full", limit=3)
+    s.notes.append(f"n2 errors: {errs[:1]}")
+    s.expect(bool(errs), "disk", "n2 logged no clear out-of-space error")
+    s.expect(not lingering, "disk", f"temp files left on the full disk: {lingering}")
+    s.expect(not partial, "disk", "a partial incoming file was visible on the full disk")
+    ballast.unlink()
+    log("space freed")
+    s.heal_now()
+    conclude(s, known={"divergent": (
+        "engine bug: a remote change whose local write fails with ENOSPC is dropped (_apply_wave -> "
+        "localfs.stage raises OSError -> _reject(): logged 'cannot apply ... [Errno 28]', not deferred); the "
+        "stored watch revision moves past it and nothing retries it after space is freed, so the node that was "
+        "full stays divergent",
+        lambda: any("cannot apply" in ln and "No space left" in ln for ln in b.log().splitlines()))})
+
+
+# ------------------------------------------------------------------------------------------ restart
+def test_plugin_restart_under_writes(scenario, seed, short):
+    """n2's daemon is restarted (SIGTERM or SIGKILL, by seed) 3 times while its writer keeps writing."""
+    s = scenario("plugin-restart").start()
+    b = s.nodes[1]
+    s.start_writers()
+    s.sleep(2)
+    how = []
+    for _ in range(2 if short else 3):
+        sig = s.rng.choice([signal.SIGTERM, signal.SIGKILL])
+        down = s.rng.uniform(0.3, 3)
+        b.stop(sig, timeout=10)
+        how.append(f"{sig.name} {down:.1f}s")
+        s.sleep(down)
+        b.start()
+        s.sleep(s.rng.uniform(1, 3))
+    s.notes.append("n2 restarts: " + ", ".join(how))
+    s.heal_now()
+    conclude(s)
