@@ -222,11 +222,23 @@ class FrameError(ValueError):
 
 def encode_frame(data: bytes | bytearray | memoryview, compress: bool = True) -> bytes:
     """Frame chunk bytes for the wire: 1 flag byte then the payload, lz4 only when it actually helps."""
-    if compress and len(data) > 0:
+    if compress and len(data) > 0 and _worth_compressing(data):
         packed = lz4.block.compress(data, store_size=True)
         if len(packed) < len(data):
             return bytes((FLAG_LZ4,)) + packed
     return bytes((FLAG_RAW,)) + bytes(data)
+
+
+_SAMPLE = 8192
+
+
+def _worth_compressing(data: bytes | bytearray | memoryview) -> bool:
+    """Media, archives and encrypted data do not shrink: a probe of the first 8 KiB decides before the
+    whole chunk is compressed for nothing (that attempt was the origin's largest cost serving them)."""
+    if len(data) <= 4 * _SAMPLE:
+        return True
+    probe = lz4.block.compress(bytes(memoryview(data)[:_SAMPLE]), store_size=False)
+    return len(probe) < _SAMPLE * 0.95
 
 
 def decode_frame(frame: bytes | bytearray | memoryview, max_size: int = CHUNK_MAX) -> bytes:

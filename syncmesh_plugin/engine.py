@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +37,8 @@ from .watcher import Changes, VolumeWatcher
 log = logging.getLogger(__name__)
 
 STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by group, never whole in memory
-WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying
+WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying small files
+LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
 APPLY_PAGE = 512
 FLUSH_MAX = 4096  # paths hashed and published per round
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
@@ -83,6 +84,20 @@ def _record(volume: str, rel: str, m: Manifest, fs: FileStat | None, rev: int) -
         volume=volume, path=rel, kind=m.kind, size=m.size, mtime_ns=fs.mtime_ns if fs else m.mtime_ns,
         ctime_ns=fs.ctime_ns if fs else 0, inode=fs.inode if fs else 0, mode=m.mode, uid=m.uid, gid=m.gid,
         digest=m.digest, chunks=m.chunks, target=m.target, rev=rev, origin=m.origin)
+
+
+def _waves(chunks: list[list[Any]], limit: int) -> Iterator[list[list[Any]]]:
+    """Consecutive groups of chunks of about `limit` bytes."""
+    group: list[list[Any]] = []
+    size = 0
+    for entry in chunks:
+        group.append(entry)
+        size += entry[1]
+        if size >= limit:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def _depth(rel: str) -> int:
@@ -945,18 +960,18 @@ class VolumeSync:
         except OSError:
             await asyncio.to_thread(localfs.discard, dfd, tmp)
             raise
+        writing: asyncio.Future[None] | None = None
         try:
-            group: list[list[Any]] = []
-            gsize = 0
             peers: list[str] | None = None
-            for entry in [*m.chunks, None]:
-                if entry is not None:
-                    group.append(entry)
-                    gsize += entry[1]
-                    if gsize < WAVE_BYTES:
-                        continue
-                if not group:
-                    break
+
+            def write(group: list[list[Any]], data: dict[str, bytes]) -> None:
+                for cid, _ in group:
+                    view = memoryview(data[cid])
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+
+            for group in _waves(m.chunks, LARGE_WAVE_BYTES):
                 ids = {cid: ln for cid, ln in group}
                 local = await asyncio.to_thread(
                     lambda ids=ids: {c: d for c, n in ids.items() if (d := self._read_local(c, n, locs_all))})
@@ -972,16 +987,13 @@ class VolumeSync:
                     if len(fetched) < len(missing):
                         raise FetchError(f"{len(missing) - len(fetched)} chunk(s) of {it.rel} not available")
                     data.update(fetched)
-
-                def write(group: list[list[Any]] = group, data: dict[str, bytes] = data) -> None:
-                    for cid, _ in group:
-                        view = memoryview(data[cid])
-                        while view:
-                            n = os.write(fd, view)
-                            view = view[n:]
-
-                await asyncio.to_thread(write)
-                group, gsize = [], 0
+                # Pipeline: this wave is written while the next one is fetched.
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write, group, data))
+            if writing is not None:
+                await writing
+                writing = None
 
             def finish() -> None:
                 os.fchmod(fd, m.mode)
@@ -992,6 +1004,9 @@ class VolumeSync:
 
             await asyncio.to_thread(finish)
         except BaseException:
+            if writing is not None:
+                with contextlib.suppress(BaseException):
+                    await writing
             os.close(fd)
             await asyncio.to_thread(localfs.discard, dfd, tmp)
             raise
