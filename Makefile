@@ -90,3 +90,13 @@ FUZZ_PROFILE ?= fuzz
 fuzz: install
 	HYPOTHESIS_PROFILE=$(FUZZ_PROFILE) $(BIN)/python -m pytest tests/unit -m fuzz -q -p no:cacheprovider \
 	  --timeout 900 $(FUZZ_ARGS)
+
+# Fault-injection suite (tests/chaos, root): writers on 3 nodes, one fault per scenario, then the
+# invariants (identical trees, no completed write lost). Prints a table. Not part of `make test`.
+CHAOS_SEEDS ?= 3
+.PHONY: chaos chaos-short
+chaos: install deps
+	$(BIN)/python tests/chaos/run.py --seeds $(CHAOS_SEEDS) $(CHAOS_ARGS)
+
+chaos-short: install deps
+	$(BIN)/python tests/chaos/run.py --short $(CHAOS_ARGS)

@@ -447,6 +447,7 @@ class Scenario:
         self.mounts: list[Path] = []
         self.writers: list[Writer] = []
         self.fault_end = 0.0
+        self.converge_timeout = 60.0
         env = {"SYNCMESH_SYNC_MOUNT_TIMEOUT": "10s", "PYTHONUNBUFFERED": "1", **env}
         (tmp / "etcd").mkdir(parents=True, exist_ok=True)
         self.etcd: Etcd = BridgeEtcd(tmp / "etcd", net.gateway) if net else Etcd(tmp / "etcd")
@@ -517,6 +518,8 @@ class Scenario:
         v = check(self.nodes, self.volume, self.ledger, timeout)
         # measured from the end of the fault (heal_now()), else from the end of the workload
         conv = v.converged_at - (self.fault_end or t_check)
+        final = file_digests(self.nodes[0].vol(self.volume))
+        self.notes.append(f"conflict copies: {sum(1 for p in final if CONFLICT_RE.match(p))}")
         probs = v.problems() + self.extra
         row = {"scenario": self.name, "seed": self.seed, "writes": v.writes, "lost": len(v.lost),
                "divergent": len(v.divergent), "converge_s": round(conv, 1) if v.converged else None,
