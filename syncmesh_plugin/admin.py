@@ -355,6 +355,21 @@ def register(main: click.Group) -> None:
 
     @admin_command(main)
     @click.argument("volume")
+    @click.option("--restore", is_flag=True,
+                  help="discard this node's local changes and take the volume back from the cluster")
+    def resume(c: Client, as_json: bool, volume: str, restore: bool) -> int:
+        """Resume VOLUME after the mass-delete / replaced-directory guard paused it.
+
+        Without --restore this node's local state is accepted and published, deletions included."""
+        data = c.must("POST", f"/api/v1/volumes/{q(volume)}/resume?mode={'restore' if restore else 'accept'}")
+        if as_json:
+            emit_json(data)
+        else:
+            click.echo(f"volume {volume}: resumed ({data['mode']}); was paused: {data['was_paused'] or 'no'}")
+        return 0
+
+    @admin_command(main)
+    @click.argument("volume")
     @click.argument("path", required=False)
     def resync(c: Client, as_json: bool, volume: str, path: str | None) -> int:
         """Re-hash and republish, or re-fetch, PATH of VOLUME (the whole volume: a full rescan)."""

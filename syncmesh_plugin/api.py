@@ -39,6 +39,19 @@ def make_app(d: Daemon) -> web.Application:
         body = generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def resume(request: web.Request) -> web.Response:
+        """Operator decision for a volume paused by the mass-damage guard."""
+        name = request.match_info["name"]
+        mode = request.query.get("mode", "accept")
+        if mode not in ("accept", "restore"):
+            return web.json_response({"error": "mode must be accept or restore"}, status=400)
+        vs = d.engine.volumes.get(name) if d.engine else None
+        if vs is None:
+            return web.json_response({"error": f"volume {name} is not held on this node"}, status=404)
+        was = vs.paused
+        await vs.resume(restore=mode == "restore")
+        return web.json_response({"volume": name, "mode": mode, "was_paused": was})
+
     if d.cfg.monitoring.enabled:
         app.router.add_get("/metrics", prom)
         app.router.add_get("/api/v1/metrics", prom)
@@ -47,6 +60,7 @@ def make_app(d: Daemon) -> web.Application:
     from . import opsapi  # the operations API (kept in its own module)
 
     opsapi.add_routes(app, d)  # status page, OpenAPI, cluster, sync, volumes, files, events
+    app.router.add_post("/api/v1/volumes/{name}/resume", resume)
     transfer.add_routes(app, d.chunk_source, encode_frame=chunker.encode_frame,
                         compress_default=d.cfg.sync.compression_enabled)
     return app

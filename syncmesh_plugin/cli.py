@@ -73,8 +73,10 @@ def main() -> None:
 def serve(config: str | None) -> None:
     """Run the plugin daemon (Docker socket + peer/API server)."""
     cfg = _load(config)
-    from .daemon import run_daemon
+    from .daemon import limit_malloc_arenas, run_daemon
     from .logs import setup_logging
+
+    limit_malloc_arenas()
 
     setup_logging(cfg.log_level, cfg.log_format, node=cfg.node_id)
     sys.exit(asyncio.run(run_daemon(cfg)))
