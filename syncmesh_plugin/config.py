@@ -35,8 +35,8 @@ class Secret(str):
     """A string that is masked wherever the config is shown."""
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,14 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class HousekeepingConfig:
+    interval: Duration = Duration(60.0)
+    tombstone_retention: Duration = Duration(24 * 3600.0)
+    conflict_retention: Duration = Duration(30 * 24 * 3600.0)
+    compact_keep_revisions: int = 100_000
+
+
+@dataclass(frozen=True)
 class MonitoringConfig:
     enabled: bool = True
 
@@ -108,6 +116,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    housekeeping: HousekeepingConfig = field(default_factory=HousekeepingConfig)
 
     @property
     def embedded_etcd(self) -> bool:
@@ -279,6 +288,8 @@ def _validate(cfg: Config) -> Config:
     if not 0 < cfg.sync.mass_delete_threshold <= 1:
         raise bad("sync.mass_delete_threshold", "a share of the volume in (0, 1], e.g. 0.5",
                   cfg.sync.mass_delete_threshold)
+    if cfg.housekeeping.interval < 1:
+        raise bad("housekeeping.interval", "a duration of at least 1s", f"{cfg.housekeeping.interval}s")
     if cfg.etcd.lease_ttl < 2:
         raise bad("etcd.lease_ttl", "an integer >= 2 (seconds)", cfg.etcd.lease_ttl)
     if cfg.sync.interval < 1:

@@ -24,6 +24,7 @@ from . import api, chunker, driver, metrics
 from .config import Config
 from .engine import Engine, EngineContext
 from .etcd_embedded import EmbeddedEtcd
+from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
 from .ops import Ops
@@ -74,6 +75,7 @@ class Daemon:
         self._holders_cache: dict[str, tuple[float, list[str]]] = {}
         self.plugin_listening = False
         self.ops = Ops(self)  # event bus, cluster view, per-node progress (API, status page, metrics)
+        self.housekeeper = Housekeeper(self)  # tombstones, compaction, defragmentation (leader only)
 
     # ---- start-up
     async def _bind_plugin_socket(self) -> None:
@@ -180,6 +182,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._monitor_etcd(), name="etcd-monitor"))
         self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
         self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
+        self._tasks.append(asyncio.create_task(self.housekeeper.run(), name="housekeeping"))
 
     async def _connect(self) -> None:
         if self.cfg.embedded_etcd and self.embedded is None:
@@ -283,7 +286,10 @@ class Daemon:
         comps: dict[str, dict[str, Any]] = {
             "plugin_socket": {"ok": self.plugin_listening and os.path.exists(self.cfg.plugin.socket),
                               "path": self.cfg.plugin.socket},
-            "etcd": {"ok": self.etcd_ok, "endpoints": self.etcd_endpoints, "error": self.etcd_error},
+            "etcd": {"ok": self.etcd_ok and not self.housekeeper.alarms, "endpoints": self.etcd_endpoints,
+                     "error": self.etcd_error or ("alarm: " + ", ".join(self.housekeeper.alarms)
+                                                  if self.housekeeper.alarms else ""),
+                     "alarms": self.housekeeper.alarms},
         }
         degraded = {n: vs.watcher.degraded_reason for n, vs in (self.engine.volumes.items() if self.engine else [])
                     if vs.watcher is not None and vs.watcher.degraded}

@@ -29,6 +29,7 @@ from .ignore import IgnoreMatcher
 from .localfs import FileStat
 from .manifest import Manifest, ManifestError, decode
 from .meta import MAX_TXN_OPS, CompactedError, EtcdStore, EtcdUnavailable
+from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import FileRecord, LocalState
 from .volopts import VolumeOptions
@@ -356,11 +357,27 @@ class VolumeSync:
                         remote.add(p.rel)
                         items.append(p)
                 await self._apply(items)
-            # Local paths etcd has never seen are published; index entries for them are stale.
-            local = await asyncio.to_thread(lambda: {rel for rel, _ in localfs.walk(self.root, self._ignored_path)})
-            stale = [p for p in self.state.file_paths(self.name) if p not in remote and p not in local]
+            # Local paths etcd does not have: new here (publish them), or deleted elsewhere while we were
+            # away and their tombstones already collected (delete them here, unless changed since).
+            local_only = await asyncio.to_thread(
+                lambda: {rel: fs for rel, fs in localfs.walk(self.root, self._ignored_path) if rel not in remote})
+            gc = await store.get(store.key("gc", self.name))
+            horizon = int(meta_loads(gc.value).get("revision", 0)) if gc is not None else 0
+            known = self.state.files_for(self.name, local_only)
+            collected = sorted((p for p, fs in local_only.items()
+                                if (r := known.get(p)) is not None and r.kind != "deleted" and 0 < r.rev <= horizon
+                                and not _differs(r, fs)), key=_depth, reverse=True)
+            if collected:
+                kept = await asyncio.to_thread(lambda: [p for p in collected if not localfs.remove(self.root, p)])
+                log.info("volume %s: %d paths deleted elsewhere while this node was away (tombstones already "
+                         "collected) removed here", self.name, len(collected) - len(kept), extra={"volume": self.name})
+                gone = [p for p in collected if p not in kept]
+                self.state.delete_files(self.name, gone)
+                for p in gone:
+                    del local_only[p]
+            stale = [p for p in self.state.file_paths(self.name) if p not in remote and p not in local_only]
             self.state.delete_files(self.name, stale)
-            self.dirty.update(local - remote)
+            self.dirty.update(local_only)
             self.state.set_revision(self.name, rev)
         await self._flush()
         return rev

@@ -101,6 +101,9 @@ class Membership:
         if self.lease_id:
             await self.store.put(key, value, lease=self.lease_id)
 
+    def is_bound(self, key: bytes) -> bool:
+        return key in self._bound
+
     async def unbind(self, key: bytes) -> None:
         self._bound.pop(key, None)
         if self.lease_id:

@@ -341,6 +341,33 @@ class EtcdStore:
             keys_only=True, timeout=self.timeout))
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
+    async def delete_if_unchanged(self, items: Sequence[tuple[bytes, int]], *,
+                                  fence: tuple[bytes, int] | None = None) -> bool:
+        """Delete keys only if each still has the given mod_revision (and, with a fence, only while
+        the fence key still has that create_revision: a leader that lost its lease deletes nothing)."""
+        kv = self.client.kv
+        compares = [_cmp_mod(k, rev) for k, rev in items]
+        if fence is not None:
+            compares.append(kv.txn_compare_create_revision(fence[0], fence[1]))
+        ops = [kv.txn_op_delete(k) for k, _ in items]
+        resp = await self._call("txn", lambda: kv.txn(compares, ops, timeout=self.timeout))
+        return bool(resp.succeeded)
+
+    async def status(self) -> dict[str, int]:
+        """Database size of the member we talk to (for defragmentation decisions and the quota)."""
+        st = await self._call("status", lambda: self.client.maintenance.status(timeout=self.timeout))
+        return {"db_size": int(st.dbSize), "db_size_in_use": int(getattr(st, "dbSizeInUse", 0) or 0),
+                "revision": int(st.header.revision)}
+
+    async def defragment(self) -> None:
+        await self._call("defragment", lambda: self.client.maintenance.defragment(timeout=120))
+
+    async def alarms(self) -> list[str]:
+        """Active etcd alarms (NOSPACE: the database hit its quota and refuses writes)."""
+        resp = await self._call("alarm", lambda: self.client.maintenance.alarms(timeout=self.timeout))
+        names = {1: "NOSPACE", 2: "CORRUPT"}
+        return [names.get(int(a.alarm), str(a.alarm)) for a in resp.alarms]
+
     async def compact(self, revision: int) -> None:
         await self._call("compact", lambda: self.client.kv.compact(revision, physical=True, timeout=30))
 

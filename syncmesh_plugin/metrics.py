@@ -53,6 +53,16 @@ rejected_input = Counter("syncmesh_rejected_input_total", "Hostile or malformed 
                          registry=REGISTRY)
 volume_paused = Gauge("syncmesh_volume_paused", "1 while publishing is paused by the mass-damage guard",
                       ["volume"], registry=REGISTRY)
+tombstones_collected = Counter("syncmesh_tombstones_collected_total",
+                               "Tombstones removed by the housekeeping leader", registry=REGISTRY)
+etcd_compactions = Counter("syncmesh_etcd_compactions_total", "etcd history compactions by the leader",
+                           registry=REGISTRY)
+etcd_defrags = Counter("syncmesh_etcd_defragmentations_total", "etcd defragmentations by the leader",
+                       registry=REGISTRY)
+etcd_db_bytes = Gauge("syncmesh_etcd_db_size_bytes", "etcd database file size (as seen by the leader)",
+                      registry=REGISTRY)
+etcd_alarm = Gauge("syncmesh_etcd_alarm", "1 while etcd has an active alarm (NOSPACE: quota reached)",
+                   registry=REGISTRY)
 corrupt_chunks = Counter("syncmesh_corrupt_chunks_total", "Chunks whose bytes did not match their id",
                          registry=REGISTRY)
 

@@ -1,9 +1,8 @@
 """Operations support for the daemon: event bus, cluster view, per-node progress, summaries.
 
 One background loop (`Ops.run`, once a second once etcd answers):
-- reads the live node list: `peer_up` / `peer_down` events, `syncmesh_cluster_nodes`, the housekeeping
-  leader (the live node with the smallest id: deterministic, no extra etcd traffic, and it moves as
-  soon as a lease expires) and `syncmesh_cluster_leader`;
+- reads the live node list: `peer_up` / `peer_down` events, `syncmesh_cluster_nodes`, and shows the
+  housekeeping leader elected by `housekeeping.Housekeeper`;
 - publishes, for every held volume whose progress changed, `applied/<volume>/<node>` =
   {"revision", "ready", "pending", "lag_seconds", "at"} under the node's lease: the etcd revision
   this node has applied the volume up to. A node has a path's version when its applied revision is
@@ -74,8 +73,7 @@ class Ops:
         nodes = await m.nodes()
         self.nodes, self.nodes_at = nodes, time.time()
         metrics.nodes_in_cluster.set(len(nodes))
-        self.leader = min(nodes) if nodes else ""
-        metrics.leader.set(1 if self.leader == self.node else 0)
+        self.leader = self.d.housekeeper.leader  # elected in etcd (see housekeeping.py)
         live = set(nodes)
         if self._known_nodes is not None:
             for n in sorted(live - self._known_nodes):

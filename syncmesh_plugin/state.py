@@ -274,5 +274,9 @@ class LocalState:
         self.db.execute("INSERT INTO conflicts (volume, path, copy, mode, winner, loser, at) VALUES (?,?,?,?,?,?,?)",
                         (volume, path, copy, mode, winner, loser, at))
 
+    def prune_conflicts(self, before: float) -> int:
+        """Forget conflict records older than the retention (the copies themselves stay on disk)."""
+        return self.db.execute("DELETE FROM conflicts WHERE at < ?", (before,)).rowcount
+
     def conflicts(self, volume: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM conflicts WHERE volume=? ORDER BY at", (volume,))]

@@ -1,0 +1,177 @@
+"""Housekeeping, done by one node at a time: tombstone collection, etcd compaction and defragmentation.
+
+Leader election: every node registers `election/housekeeper/<node>` under its lease; the key with
+the lowest create_revision is the leader. When the leader dies its lease expires, its key goes, and
+the next oldest registration leads. Every destructive step the leader takes is a transaction that
+also checks its own registration still exists with the same create_revision (fencing): a leader that
+lost its lease while it was working cannot delete anything.
+
+Tombstones (manifests of deleted paths) are removed once every live holder of the volume has
+applied them and they are older than `housekeeping.tombstone_retention`. The revision up to which
+tombstones were collected is recorded in `gc/<volume>`; a node that comes back after that (its
+stored revision below it) reconciles, and deletes locally what was deleted while it was away
+instead of publishing it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import metrics
+from .manifest import ManifestError, decode
+from .meta import EtcdUnavailable, dumps, loads
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+ELECTION = "housekeeper"
+
+
+class Housekeeper:
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.cfg = d.cfg.housekeeping
+        self.node = d.cfg.node_id
+        self.leader = ""
+        self.is_leader = False
+        self._my_create = 0
+        self.last_run: dict[str, Any] = {}
+        self.alarms: list[str] = []
+
+    def _key(self, node: str) -> bytes:
+        assert self.d.store is not None
+        return self.d.store.key("election", ELECTION, node)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except EtcdUnavailable as exc:
+                log.debug("housekeeping skipped: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("housekeeping round failed")
+            await asyncio.sleep(min(float(self.cfg.interval), 5.0) if not self.is_leader else float(self.cfg.interval))
+
+    async def tick(self) -> None:
+        store, m = self.d.store, self.d.membership
+        if store is None or m is None or not m.lease_id:
+            return
+        mine = self._key(self.node)
+        if not m.is_bound(mine):
+            await m.bind(mine, dumps({"node": self.node, "at": time.time()}))
+        _, kvs = await store.get_all(store.key("election", ELECTION) + b"/")
+        if not kvs:
+            return
+        first = min(kvs, key=lambda kv: kv.create_revision)
+        self.leader = first.key.rsplit(b"/", 1)[-1].decode()
+        self.is_leader = first.key == mine
+        self._my_create = first.create_revision if self.is_leader else 0
+        metrics.leader.set(1 if self.is_leader else 0)
+        await self._check_alarms()
+        if self.is_leader:
+            await self._collect_tombstones()
+            await self._compact_and_defrag()
+        self._prune_conflict_records()
+
+    # ---- fencing
+    def _fence(self) -> tuple[bytes, int]:
+        return self._key(self.node), self._my_create
+
+    # ---- tombstones
+    async def _collect_tombstones(self) -> None:
+        store = self.d.store
+        assert store is not None
+        retention = float(self.cfg.tombstone_retention)
+        now = time.time()
+        for name in list(self.d.state.volumes()):
+            _, applied = await store.get_all(store.key("applied", name) + b"/")
+            revs = []
+            for kv in applied:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    revs.append(int(loads(kv.value)["revision"]))
+            if not revs:
+                continue  # nobody holds it live: nothing can be proven applied
+            horizon = min(revs)
+            doomed: list[tuple[bytes, int]] = []
+            _, pages = await store.get_range(store.files_prefix(name), page=1000)
+            async for page in pages:
+                for kv in page:
+                    if kv.mod_revision > horizon or b'"k":"deleted"' not in kv.value:
+                        continue
+                    try:
+                        mf = decode(kv.value)
+                    except ManifestError:
+                        continue
+                    if mf.kind == "deleted" and now - mf.ts >= retention:
+                        doomed.append((kv.key, kv.mod_revision))
+            if not doomed:
+                continue
+            gc_key = store.key("gc", name)
+            top = max(r for _, r in doomed)
+            removed = 0
+            fence = self._fence()
+            # Record the horizon first: a node coming back below it must not resurrect these paths.
+            prev = await store.get(gc_key)
+            old = int(loads(prev.value).get("revision", 0)) if prev else 0
+            if top > old:
+                await store.put(gc_key, dumps({"revision": top, "at": now, "by": self.node}))
+            for i in range(0, len(doomed), 100):
+                ok = await store.delete_if_unchanged(doomed[i:i + 100], fence=fence)
+                if not ok:
+                    log.warning("housekeeping: lost leadership or a tombstone changed; stopping this round")
+                    return
+                removed += len(doomed[i:i + 100])
+            metrics.tombstones_collected.inc(removed)
+            self.last_run[name] = {"tombstones_removed": removed, "horizon": top, "at": now}
+            log.info("housekeeping: volume %s: %d tombstones collected (applied everywhere up to %d)", name,
+                     removed, horizon, extra={"volume": name, "count": removed})
+
+    # ---- etcd footprint
+    async def _compact_and_defrag(self) -> None:
+        store = self.d.store
+        assert store is not None
+        keep = int(self.cfg.compact_keep_revisions)
+        if keep <= 0:
+            return
+        current = await store.current_revision()
+        target = current - keep
+        # Never compact past what a live node still needs to replay.
+        _, applied = await store.get_all(store.key("applied") + b"/")
+        for kv in applied:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                target = min(target, int(loads(kv.value)["revision"]))
+        last = int(self.last_run.get("_compacted", 0))
+        if target <= last or target <= 0:
+            return
+        await store.compact(target)
+        self.last_run["_compacted"] = target
+        metrics.etcd_compactions.inc()
+        log.info("housekeeping: etcd history compacted up to revision %d (current %d)", target, current)
+        st = await store.status()
+        size, in_use = st.get("db_size", 0), st.get("db_size_in_use", 0)
+        metrics.etcd_db_bytes.set(size)
+        if size > 64 * 2**20 and in_use and size > 2 * in_use:
+            await store.defragment()
+            metrics.etcd_defrags.inc()
+            log.info("housekeeping: etcd defragmented (%d MiB in a %d MiB file)", in_use >> 20, size >> 20)
+
+    async def _check_alarms(self) -> None:
+        store = self.d.store
+        assert store is not None
+        self.alarms = await store.alarms()
+        metrics.etcd_alarm.set(1 if self.alarms else 0)
+        if self.alarms:
+            log.error("etcd raised alarm(s): %s; writes are refused until an operator frees space "
+                      "(compact, defragment, `etcdctl alarm disarm`)", ", ".join(self.alarms))
+
+    def _prune_conflict_records(self) -> None:
+        cutoff = time.time() - float(self.cfg.conflict_retention)
+        self.d.state.prune_conflicts(cutoff)
