@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-
-from e2e_harness import ROOT
+from pathlib import Path
 
 from syncmesh_plugin.config import env_name, key_paths, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_json_env_matches_daemon_settings() -> None:
