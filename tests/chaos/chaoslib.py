@@ -444,6 +444,7 @@ class Scenario:
         self.volume = f"chaos{uuid.uuid4().hex[:6]}"
         self.notes: list[str] = []
         self.extra: list[tuple[str, str]] = []  # scenario-specific broken expectations (kind, text)
+        self.post: list[tuple[Any, str, str]] = []
         self.mounts: list[Path] = []
         self.writers: list[Writer] = []
         self.fault_end = 0.0
@@ -518,6 +519,12 @@ class Scenario:
         v = check(self.nodes, self.volume, self.ledger, timeout)
         # measured from the end of the fault (heal_now()), else from the end of the workload
         conv = v.converged_at - (self.fault_end or t_check)
+        for cond, kind, text in self.post:
+            try:
+                ok = bool(cond())
+            except OSError as exc:
+                ok, text = False, f"{text} ({exc})"
+            self.expect(ok, kind, text)
         final = file_digests(self.nodes[0].vol(self.volume))
         self.notes.append(f"conflict copies: {sum(1 for p in final if CONFLICT_RE.match(p))}")
         probs = v.problems() + self.extra
@@ -531,6 +538,10 @@ class Scenario:
     def expect(self, cond: bool, kind: str, text: str) -> None:
         if not cond:
             self.extra.append((kind, text))
+
+    def expect_after(self, cond: Any, kind: str, text: str) -> None:
+        """A check evaluated after convergence (cond is a callable)."""
+        self.post.append((cond, kind, text))
 
     def heal_now(self) -> None:
         self.fault_end = time.monotonic()

@@ -80,7 +80,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         seeds = ",".join(str(r["seed"]) for r in rs)
         bad = sum(1 for r in rs if not r["ok"] and not r.get("xfail"))
         xf = sum(1 for r in rs if r.get("xfail"))
-        res = ("ok" if not bad else f"{bad} FAIL") + (f" {xf} xfail" if xf else "")
+        res = f"{bad} FAIL" if bad else (f"{xf} xfail" if xf else "ok")
         out.append(f"{name:<30} {len(rs):>4} {seeds:<9} {sum(r['writes'] for r in rs):>7} "
                    f"{sum(r['lost'] for r in rs):>5} {sum(r['divergent'] for r in rs):>9} "
                    f"{statistics.median(conv):>11.1f} / {max(conv):<10.1f} {res:<8}")
