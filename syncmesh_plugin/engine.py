@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -343,43 +344,50 @@ class VolumeSync:
         return _Pending(rel, m, rev)
 
     async def _reconcile(self) -> int:
-        """Full agreement with etcd from a range read: first attach, or history compacted away."""
+        """Full agreement with etcd from a range read: first attach, or history compacted away.
+
+        Streamed: pages of manifests are applied as they arrive, the paths seen are kept in a scratch
+        table on disk, then a per-directory rescan publishes what only this node has. Memory follows
+        the page size and the widest directory, not the size of the volume."""
         store = self.store
         await self._unpaused.wait()
         async with self.lock:
             rev, pages = await store.get_range(store.files_prefix(self.name), page=APPLY_PAGE)
-            remote: set[str] = set()
+            self.state.begin_seen()
             async for page in pages:
                 items = []
+                names = []
                 for kv in page:
+                    names.append(store.path_of(self.name, kv.key))
                     p = self._parse(kv.key, kv.value, kv.mod_revision)
                     if p is not None:
-                        remote.add(p.rel)
                         items.append(p)
+                self.state.add_seen(names)
                 await self._apply(items)
-            # Local paths etcd does not have: new here (publish them), or deleted elsewhere while we were
-            # away and their tombstones already collected (delete them here, unless changed since).
-            local_only = await asyncio.to_thread(
-                lambda: {rel: fs for rel, fs in localfs.walk(self.root, self._ignored_path) if rel not in remote})
             gc = await store.get(store.key("gc", self.name))
             horizon = int(meta_loads(gc.value).get("revision", 0)) if gc is not None else 0
-            known = self.state.files_for(self.name, local_only)
-            collected = sorted((p for p, fs in local_only.items()
-                                if (r := known.get(p)) is not None and r.kind != "deleted" and 0 < r.rev <= horizon
-                                and not _differs(r, fs)), key=_depth, reverse=True)
-            if collected:
-                kept = await asyncio.to_thread(lambda: [p for p in collected if not localfs.remove(self.root, p)])
-                log.info("volume %s: %d paths deleted elsewhere while this node was away (tombstones already "
-                         "collected) removed here", self.name, len(collected) - len(kept), extra={"volume": self.name})
-                gone = [p for p in collected if p not in kept]
+            # Index entries etcd no longer has: deleted elsewhere while we were away and their tombstones
+            # already collected (delete them here, unless changed since), or never published (publish).
+            removed = 0
+            for batch in self.state.unseen_files(self.name):
+                stats = await asyncio.to_thread(lambda b=batch: [localfs.lstat(self.root, r.path) for r in b])
+                collected = sorted((r.path for r, fs in zip(batch, stats, strict=True)
+                                    if fs is not None and 0 < r.rev <= horizon and not _differs(r, fs)),
+                                   key=_depth, reverse=True)
+                kept = set(await asyncio.to_thread(
+                    lambda c=collected: [p for p in c if not localfs.remove(self.root, p)]))
+                gone = [r.path for r, fs in zip(batch, stats, strict=True)
+                        if fs is None or (r.path in collected and r.path not in kept)]
                 self.state.delete_files(self.name, gone)
-                for p in gone:
-                    del local_only[p]
-            stale = [p for p in self.state.file_paths(self.name) if p not in remote and p not in local_only]
-            self.state.delete_files(self.name, stale)
-            self.dirty.update(local_only)
+                removed += len(gone)
+                self.dirty.update(r.path for r, fs in zip(batch, stats, strict=True)
+                                  if fs is not None and r.path not in collected)
+            if removed:
+                log.info("volume %s: %d index entries no longer in etcd dropped (tombstones collected while this "
+                         "node was away are deleted here)", self.name, removed, extra={"volume": self.name})
             self.state.set_revision(self.name, rev)
-        await self._flush()
+        # Whatever exists only here (not in the index now) is published.
+        await self._rescan("reconcile")
         return rev
 
     async def _retry_deferred(self) -> None:
@@ -439,30 +447,67 @@ class VolumeSync:
                     await self._rescan("interval")
 
     async def _rescan(self, reason: str) -> None:
+        """Compare the disk with the index one directory at a time, in a worker thread, and publish the
+        differences in bounded batches while the walk goes on."""
         problem = self._root_problem()
         if problem:
             self.pause(problem)
             return
         t0 = time.monotonic()
         metrics.rescans.labels(reason).inc()
-        known = self.state.stat_index(self.name)
+        loop = asyncio.get_running_loop()
+        batches: asyncio.Queue[set[str] | None] = asyncio.Queue()
+        room = threading.Semaphore(4)  # back-pressure: at most 4 batches of changes waiting
+        stop = threading.Event()
 
-        def scan() -> set[str]:
+        def scan() -> None:
+            db = self.state.reader()
             changed: set[str] = set()
-            for rel, fs in localfs.walk(self.root, self._ignored_path):
-                t = known.pop(rel, None)
-                if t is None or t[0] != fs.kind:
-                    changed.add(rel)
-                elif fs.kind == "dir":
-                    if t[4:] != (fs.mode, fs.uid, fs.gid):
-                        changed.add(rel)
-                elif t[1:] != (fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid):
-                    changed.add(rel)
-            changed.update(known)  # indexed but gone from disk
-            return changed
 
-        self.dirty.update(await asyncio.to_thread(scan))
-        await self._flush()
+            def hand_over() -> None:
+                nonlocal changed
+                if changed:
+                    while not room.acquire(timeout=0.5):
+                        if stop.is_set():
+                            return
+                    loop.call_soon_threadsafe(batches.put_nowait, changed)
+                    changed = set()
+
+            try:
+                stack = [""]
+                while stack and not stop.is_set():
+                    d = stack.pop()
+                    known = LocalState.children_stats(db, self.name, d)
+                    for rel, fs in localfs.list_dir(self.root, d, self._ignored_path):
+                        t = known.pop(rel, None)
+                        if fs.kind == "dir":
+                            stack.append(rel)
+                        if t is None or t[0] != fs.kind:
+                            changed.add(rel)
+                        elif fs.kind == "dir":
+                            if t[4:] != (fs.mode, fs.uid, fs.gid):
+                                changed.add(rel)
+                        elif t[1:] != (fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid):
+                            changed.add(rel)
+                    changed.update(known)  # indexed here but gone from disk
+                    if len(changed) >= FLUSH_MAX:
+                        hand_over()
+                hand_over()
+            finally:
+                db.close()
+                loop.call_soon_threadsafe(batches.put_nowait, None)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(scan))
+        try:
+            while (batch := await batches.get()) is not None:
+                room.release()
+                self.dirty.update(batch)
+                while len(self.dirty) >= FLUSH_MAX and not self.paused:
+                    await self._flush()
+            await self._flush()
+        finally:
+            stop.set()
+            await worker
         metrics.rescan_seconds.observe(time.monotonic() - t0)
 
     async def _flush(self) -> None:
@@ -663,7 +708,14 @@ class VolumeSync:
             if self._local_wins(local, remote):
                 ops = []
                 copy = ""
-                if self.keep_copies and remote.kind == "file" and local.kind != "deleted":
+                unreachable = rel in self.deferred and self.deferred[rel].rev <= kv.mod_revision
+                if unreachable:
+                    # We never could fetch the remote version (no peer has its chunks): a conflict copy of
+                    # it would point at content nobody can serve. Keep ours; say so.
+                    log.warning("volume %s: conflict on %s: the other version (from %s) was never available "
+                                "from any peer; no conflict copy kept", self.name, rel, remote.origin)
+                    self.deferred.pop(rel, None)
+                if self.keep_copies and remote.kind == "file" and local.kind != "deleted" and not unreachable:
                     # The loser's content is kept under a conflict name, published in the same
                     # transaction and before the overwrite: a node that holds only the losing version
                     # sees both in one batch and builds the copy from its local file before replacing it.

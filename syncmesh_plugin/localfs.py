@@ -72,30 +72,38 @@ def lstat(root: str, rel: str) -> FileStat | None:
         os.close(dfd)
 
 
+def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool]) -> list[tuple[str, FileStat]]:
+    """The entries of one directory below root (never following symlinks), minus ignored and internal
+    names; a directory that vanished or cannot be read has none."""
+    out: list[tuple[str, FileStat]] = []
+    try:
+        it = os.scandir(os.path.join(root, base) if base else root)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return out
+    with it:
+        for entry in it:
+            name = entry.name
+            if name.startswith(TMP_PREFIX):
+                continue
+            rel = f"{base}/{name}" if base else name
+            try:
+                fs = FileStat.of(entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            if fs.kind == "other" or ignored(rel, fs.kind == "dir"):
+                continue
+            out.append((rel, fs))
+    return out
+
+
 def walk(root: str, ignored: Callable[[str, bool], bool]) -> Iterator[tuple[str, FileStat]]:
     """Every entry below root (never following symlinks), skipping ignored and internal names."""
     stack = [""]
     while stack:
-        base = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, base) if base else root)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        with it:
-            for entry in it:
-                name = entry.name
-                if name.startswith(TMP_PREFIX):
-                    continue
-                rel = f"{base}/{name}" if base else name
-                try:
-                    fs = FileStat.of(entry.stat(follow_symlinks=False))
-                except FileNotFoundError:
-                    continue
-                if fs.kind == "other" or ignored(rel, fs.kind == "dir"):
-                    continue
-                yield rel, fs
-                if fs.kind == "dir":
-                    stack.append(rel)
+        for rel, fs in list_dir(root, stack.pop(), ignored):
+            yield rel, fs
+            if fs.kind == "dir":
+                stack.append(rel)
 
 
 def describe(root: str, rel: str, fs: FileStat, origin: str, ts: float) -> Manifest | None:

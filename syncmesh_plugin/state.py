@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS files (
     inode INTEGER NOT NULL DEFAULT 0, mode INTEGER NOT NULL DEFAULT 0, uid INTEGER NOT NULL DEFAULT 0,
     gid INTEGER NOT NULL DEFAULT 0, digest TEXT NOT NULL DEFAULT '', chunks TEXT NOT NULL DEFAULT '[]',
     target TEXT NOT NULL DEFAULT '', rev INTEGER NOT NULL DEFAULT 0, origin TEXT NOT NULL DEFAULT '',
-    published INTEGER NOT NULL DEFAULT 1,
+    published INTEGER NOT NULL DEFAULT 1, parent TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (volume, path));
 CREATE TABLE IF NOT EXISTS chunks (
     chunk_id TEXT NOT NULL, volume TEXT NOT NULL, path TEXT NOT NULL, off INTEGER NOT NULL,
@@ -65,7 +65,7 @@ class FileRecord:
 
 
 _FILE_COLS = ("volume", "path", "kind", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid",
-              "digest", "chunks", "target", "rev", "origin", "published")
+              "digest", "chunks", "target", "rev", "origin", "published", "parent")
 
 
 def _row_to_file(row: sqlite3.Row) -> FileRecord:
@@ -87,6 +87,12 @@ class LocalState:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
+        if "parent" not in cols:  # index written by 0.1.0 before per-directory rescans
+            self.db.execute("ALTER TABLE files ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
+            self.db.execute("UPDATE files SET parent = CASE WHEN instr(path, '/') = 0 THEN '' ELSE "
+                            "substr(path, 1, length(rtrim(path, replace(path, '/', ''))) - 1) END")
+        self.db.execute("CREATE INDEX IF NOT EXISTS files_by_parent ON files (volume, parent)")
 
     def close(self) -> None:
         self.db.close()
@@ -212,16 +218,40 @@ class LocalState:
         args.append(limit)
         return [_row_to_file(r) for r in self.db.execute(q, args)]
 
-    def stat_index(self, volume: str) -> dict[str, tuple[str, int, int, int, int, int, int]]:
-        """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of every live path: what a rescan
-        compares with, as plain tuples (a fraction of the memory of full records)."""
-        return {r[0]: r[1:] for r in self.db.execute(
-            "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files WHERE volume=? AND kind != 'deleted'",
-            (volume,))}
+    def reader(self) -> sqlite3.Connection:
+        """A separate read-only connection for a worker thread (WAL lets it read while we write)."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        db.execute("PRAGMA query_only=1")
+        return db
 
-    def file_paths(self, volume: str) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT path FROM files WHERE volume=? AND kind != 'deleted'",
-                                              (volume,))}
+    @staticmethod
+    def children_stats(db: sqlite3.Connection, volume: str, parent: str
+                       ) -> dict[str, tuple[str, int, int, int, int, int, int]]:
+        """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of the live entries of one directory:
+        rescans compare one directory at a time, so memory follows the widest directory, not the volume."""
+        return {r[0]: r[1:] for r in db.execute(
+            "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files "
+            "WHERE volume=? AND parent=? AND kind != 'deleted'", (volume, parent))}
+
+    def begin_seen(self) -> None:
+        """A scratch table of the paths a full reconcile read from etcd (kept on disk, not in memory)."""
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS seen (path TEXT PRIMARY KEY)")
+        self.db.execute("DELETE FROM seen")
+
+    def add_seen(self, paths: Iterable[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO seen (path) VALUES (?)", ((p,) for p in paths))
+
+    def unseen_files(self, volume: str, batch: int = 1000) -> Iterator[list[FileRecord]]:
+        """Live index entries that the reconcile did not see in etcd, in batches."""
+        last = ""
+        while True:
+            rows = self.db.execute(
+                "SELECT * FROM files WHERE volume=? AND kind != 'deleted' AND path > ? "
+                "AND path NOT IN (SELECT path FROM seen) ORDER BY path LIMIT ?", (volume, last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1]["path"]
+            yield [_row_to_file(r) for r in rows]
 
     def put_files(self, records: Iterable[FileRecord]) -> None:
         """Record files (and their chunk locations) in one transaction."""
@@ -230,7 +260,8 @@ class LocalState:
         paths = []
         for r in records:
             rows.append((r.volume, r.path, r.kind, r.size, r.mtime_ns, r.ctime_ns, r.inode, r.mode, r.uid, r.gid,
-                         r.digest, json.dumps(r.chunks or []), r.target, r.rev, r.origin, 1 if r.published else 0))
+                         r.digest, json.dumps(r.chunks or []), r.target, r.rev, r.origin, 1 if r.published else 0,
+                         r.path.rpartition("/")[0]))
             paths.append((r.volume, r.path))
             off = 0
             for cid, length in (r.chunks or []) if r.kind == "file" else []:
