@@ -163,6 +163,7 @@ class VolumeSync:
         self._unpaused.set()
         self._bypass_guard = False
         self._missing_since: dict[str, float] = {}
+        self._overflows_seen = 0
         self._recent_deletes: deque[tuple[float, int]] = deque()
 
     # ---- lifecycle
@@ -254,7 +255,10 @@ class VolumeSync:
     def _on_changes(self, ch: Changes) -> None:
         self.dirty.update(p for p in ch.paths if not self._ignored_path(p))
         if ch.rescan:
-            metrics.inotify_overflows.inc() if self.watcher and self.watcher.overflows else None
+            overflows = self.watcher.overflows if self.watcher else 0
+            if overflows > self._overflows_seen:
+                metrics.inotify_overflows.inc(overflows - self._overflows_seen)
+                self._overflows_seen = overflows
             self.rescan_needed.set()
         metrics.pending_items.labels(self.name).set(len(self.dirty))
         self.kick.set()

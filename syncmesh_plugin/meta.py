@@ -359,6 +359,17 @@ class EtcdStore:
         return {"db_size": int(st.dbSize), "db_size_in_use": int(getattr(st, "dbSizeInUse", 0) or 0),
                 "revision": int(st.header.revision)}
 
+    async def members(self) -> dict[str, Any]:
+        """The etcd cluster's members and which one leads (for the cluster status API)."""
+        resp = await self._call("member_list", lambda: self.client.cluster.member_list(timeout=self.timeout))
+        leader = 0
+        with contextlib.suppress(EtcdUnavailable):
+            st = await self._call("status", lambda: self.client.maintenance.status(timeout=self.timeout))
+            leader = int(st.leader)
+        return {"leader": f"{leader:x}" if leader else "", "members": [
+            {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
+             "learner": bool(m.isLearner), "leader": m.ID == leader} for m in resp.members]}
+
     async def defragment(self) -> None:
         await self._call("defragment", lambda: self.client.maintenance.defragment(timeout=120))
 

@@ -248,12 +248,4 @@ class Ops:
         store = self.d.store
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
-        client = store.client
-        resp = await store._call("member_list", lambda: client.cluster.member_list(timeout=store.timeout))
-        leader = 0
-        with contextlib.suppress(EtcdUnavailable):
-            st = await store._call("status", lambda: client.maintenance.status(timeout=store.timeout))
-            leader = int(st.leader)
-        return {"leader": f"{leader:x}" if leader else "", "members": [
-            {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
-             "learner": bool(m.isLearner), "leader": m.ID == leader} for m in resp.members]}
+        return await store.members()

@@ -194,9 +194,28 @@ def test_files_prefix_with_sql_wildcards_is_literal(st: LocalState) -> None:
     assert [r.path for r in st.files("v", "a%")] == ["a%", "a%/x"]
 
 
-def test_file_paths_stats_and_unpublished(st: LocalState) -> None:
+def test_children_stats_are_per_directory(st: LocalState) -> None:
+    st.put_files([rec("a", size=10), rec("d", kind="dir"), rec("d/x", size=3), rec("d/e/y", size=4),
+                  rec("gone", kind="deleted")])
+    db = st.reader()
+    try:
+        assert set(LocalState.children_stats(db, "v", "")) == {"a", "d"}
+        assert LocalState.children_stats(db, "v", "d")["d/x"][:2] == ("file", 3)
+        assert set(LocalState.children_stats(db, "v", "d/e")) == {"d/e/y"}
+    finally:
+        db.close()
+
+
+def test_unseen_files_after_a_reconcile_read(st: LocalState) -> None:
+    st.put_files([rec(f"f{i}") for i in range(5)] + [rec("dead", kind="deleted")])
+    st.begin_seen()
+    st.add_seen(["f1", "f3"])
+    unseen = [r.path for batch in st.unseen_files("v", batch=2) for r in batch]
+    assert unseen == ["f0", "f2", "f4"]
+
+
+def test_stats_and_unpublished(st: LocalState) -> None:
     st.put_files([rec("a", size=10), rec("b", size=5, published=False), rec("c", kind="deleted", size=99)])
-    assert st.file_paths("v") == {"a", "b"}
     assert st.volume_stats("v") == {"files": 2, "bytes": 15, "unpublished": 1}
     assert st.unpublished("v") == ["b"]
     st.set_rev("v", "b", 9)
