@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -28,11 +29,11 @@ from typing import Any
 from . import chunker, localfs, metrics
 from .ignore import IgnoreMatcher
 from .localfs import FileStat
-from .manifest import Manifest, ManifestError, decode
+from .manifest import Manifest, ManifestError, decode, parse_chunk_list
 from .meta import MAX_TXN_OPS, CompactedError, EtcdStore, EtcdUnavailable
 from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
-from .state import FileRecord, LocalState
+from .state import BLOB_PREFIX, FileRecord, LocalState
 from .volopts import VolumeOptions
 from .watcher import Changes, VolumeWatcher
 
@@ -69,6 +70,7 @@ class EngineContext:
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     mass_delete_threshold: float = 0.5
     mass_delete_min_files: int = 20
+    max_manifest_bytes: int = 512 * 1024
 
 
 def _differs(rec: FileRecord, fs: FileStat) -> bool:
@@ -565,6 +567,7 @@ class VolumeSync:
                 return out, unstable
 
             built, unstable = await asyncio.to_thread(build)
+            await asyncio.to_thread(self._blobify, built)
             built, held = self._hold_deletions(built)
             if held:
                 self.dirty.update(held)
@@ -617,6 +620,27 @@ class VolumeSync:
                 keep.append(item)
         return keep, held
 
+    def _blobify(self, built: list[tuple[str, Manifest, FileStat | None]]) -> None:
+        """Chunk lists too big for an etcd value (files of several GiB) are stored as a blob that peers
+        fetch like file data; the manifest then carries only the blob's chunks and digest."""
+        limit = self.ctx.max_manifest_bytes
+        for _, m, _ in built:
+            if m.kind == "file" and m.inline is None and len(m.chunks) * 44 > limit // 2 and len(m.encode()) > limit:
+                data = json.dumps(m.chunks, separators=(",", ":")).encode()
+                m.blob_digest, m.blob = localfs.write_blob(self.base, data)
+
+    async def _resolve_blob(self, it: _Pending) -> None:
+        """Fetch, verify and parse the chunk list of a manifest that carries it as a blob."""
+        m = it.m
+        got, _ = await self._gather([_Pending(it.rel, Manifest(kind="file", chunks=m.blob, origin=m.origin), it.rev)],
+                                    m.origin)
+        data = b"".join(got[cid] for cid, _ in m.blob)
+        if chunker.chunk_id(data) != m.blob_digest:
+            raise ManifestError("chunk-list blob does not match its digest")
+        m.chunks = parse_chunk_list(data, m.size)
+        blob_id, chunks = await asyncio.to_thread(localfs.write_blob, self.base, data)
+        self.state.put_blob(self.name, blob_id, chunks)
+
     async def _expand(self, paths: set[str]) -> tuple[dict[str, FileRecord], dict[str, FileStat | None]]:
         """Index records and current stats of the dirty paths, grown to whole subtrees where needed.
 
@@ -664,6 +688,9 @@ class VolumeSync:
 
     def _published(self, batch: list[tuple[str, Manifest, FileStat | None]], rev: int) -> None:
         self.state.put_files(_record(self.name, p, m, fs, rev) for p, m, fs in batch)
+        for _, m, _ in batch:
+            if m.blob:
+                self.state.put_blob(self.name, m.blob_digest, m.blob)
         for _, m, _ in batch:
             metrics.ops_published.labels(m.kind).inc()
         self.status.published += len(batch)
@@ -871,7 +898,11 @@ class VolumeSync:
         for vol, path, off, ln in locs.get(cid, ()):
             if ln != length:
                 continue
-            data = localfs.read_range(os.path.join(self.ctx.data_root, "volumes", vol, "_data"), path, off, ln)
+            base = os.path.join(self.ctx.data_root, "volumes", vol)
+            if path.startswith(BLOB_PREFIX):
+                data = localfs.read_blob_range(base, path[len(BLOB_PREFIX):], off, ln)
+            else:
+                data = localfs.read_range(os.path.join(base, "_data"), path, off, ln)
             if data is not None and chunker.verify(data, cid):
                 return data
         return None
@@ -879,6 +910,15 @@ class VolumeSync:
     async def _apply_files(self, files: list[_Pending]) -> None:
         # New paths first (conflict copies, rename targets): their chunks may live in files that the
         # same batch is about to overwrite.
+        for it in [it for it in files if it.m.blob and not it.m.chunks]:
+            try:
+                await self._resolve_blob(it)
+            except FetchError as exc:
+                self._defer(it, exc)
+            except ManifestError as exc:
+                metrics.rejected_input.labels("etcd").inc()
+                self._reject(it, exc)
+        files = [it for it in files if not (it.m.blob and not it.m.chunks)]
         new = [it for it in files if it.rec is None or it.rec.kind == "deleted"]
         if new and len(new) < len(files):
             await self._apply_files(new)

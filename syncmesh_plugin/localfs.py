@@ -322,3 +322,34 @@ def read_range(root: str, rel: str, offset: int, length: int) -> bytes | None:
         return data if len(data) == length else None
     finally:
         os.close(fd)
+
+
+def blob_path(base: str, blob_id: str) -> str:
+    return os.path.join(base, "blobs", blob_id)
+
+
+def write_blob(base: str, data: bytes) -> tuple[str, list[list[int | str]]]:
+    """Store a chunk-list blob under <volume base>/blobs/<digest> (crash-safe, idempotent) and chunk it
+    like file data, so peers fetch it with the same verified chunk protocol. Returns (digest, chunks)."""
+    blob_id = chunker.chunk_id(data)
+    path = blob_path(base, blob_id)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    content = chunker.scan_file(path)
+    return blob_id, [[c.id, c.length] for c in content.chunks]
+
+
+def read_blob_range(base: str, blob_id: str, offset: int, length: int) -> bytes | None:
+    try:
+        with open(blob_path(base, blob_id), "rb") as fh:
+            data = os.pread(fh.fileno(), length, offset)
+    except OSError:
+        return None
+    return data if len(data) == length else None
+

@@ -17,7 +17,8 @@ from .pathsafe import PathError, validate_relpath
 
 KINDS = ("file", "dir", "symlink", "deleted")
 MAX_FILE_SIZE = 1 << 44  # 16 TiB: a manifest claiming more (say 1 PB) is rejected, never allocated
-MAX_CHUNKS = 1 << 20
+MAX_CHUNKS = 1 << 26  # 16 TiB of 256 KiB chunks; lists this long only ever travel as blobs
+MAX_BLOB_BYTES = 1 << 32
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -40,6 +41,10 @@ class Manifest:
     origin: str = ""
     ts: float = 0.0  # wall-clock publish time on the origin, for the propagation-lag metric
     renamed_from: str = ""  # a rename: the receiver may move its copy of this path instead of fetching
+    # A chunk list too big for an etcd value travels as a content-addressed blob: its own chunks
+    # (fetched like file data) and the digest of the JSON list they make up.
+    blob: list[list[Any]] = field(default_factory=list)
+    blob_digest: str = ""
 
     def content_equal(self, other: Manifest) -> bool:
         """Same kind and content (attributes may differ)."""
@@ -65,6 +70,8 @@ class Manifest:
             d.update(s=self.size, t=self.mtime_ns, d=self.digest)
             if self.inline is not None:
                 d["i"] = base64.b64encode(self.inline).decode()
+            elif self.blob:
+                d["b"], d["bd"] = self.blob, self.blob_digest
             else:
                 d["c"] = self.chunks
         elif self.kind == "symlink":
@@ -86,6 +93,32 @@ def _str(d: dict[str, Any], key: str, limit: int) -> str:
     if not isinstance(v, str) or len(v) > limit or "\x00" in v:
         raise ManifestError(f"field {key!r} must be a string of at most {limit} characters without NUL")
     return v
+
+
+def check_chunks(chunks: Any, size: int | None) -> int:
+    """Validate a chunk list ([[32-hex id, length], ...]); its lengths must add up to `size` if given."""
+    if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
+        raise ManifestError("chunk list missing or too long")
+    total = 0
+    for c in chunks:
+        if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str)
+                or not _HEX32.fullmatch(c[0]) or not isinstance(c[1], int) or isinstance(c[1], bool)
+                or not 0 < c[1] <= CHUNK_MAX):
+            raise ManifestError(f"bad chunk entry {c!r}")
+        total += c[1]
+    if size is not None and total != size:
+        raise ManifestError(f"chunk lengths add up to {total}, not the declared size {size}")
+    return total
+
+
+def parse_chunk_list(raw: bytes, size: int) -> list[list[Any]]:
+    """The chunk list carried by a blob (already verified against its digest), validated like "c"."""
+    try:
+        chunks = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"chunk-list blob is not JSON: {type(exc).__name__}") from None
+    check_chunks(chunks, size)
+    return chunks  # type: ignore[no-any-return]
 
 
 def decode(raw: bytes) -> Manifest:
@@ -120,20 +153,19 @@ def decode(raw: bytes) -> Manifest:
                 raise ManifestError("inline data is not valid base64") from None
             if len(m.inline) != m.size or m.size > INLINE_MAX:
                 raise ManifestError("inline data does not match the declared size")
+        elif "b" in d:
+            m.blob_digest = _str(d, "bd", 32)
+            if not _HEX32.fullmatch(m.blob_digest):
+                raise ManifestError("blob digest must be 32 lowercase hex characters")
+            blob = d.get("b")
+            if not isinstance(blob, list) or not blob:
+                raise ManifestError("blob chunk list missing")
+            if check_chunks(blob, None) > MAX_BLOB_BYTES:
+                raise ManifestError("chunk-list blob too large")
+            m.blob = blob
         else:
-            chunks = d.get("c")
-            if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
-                raise ManifestError("chunk list missing or too long")
-            total = 0
-            for c in chunks:
-                if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], str)
-                        or not _HEX32.fullmatch(c[0]) or not isinstance(c[1], int) or isinstance(c[1], bool)
-                        or not 0 < c[1] <= CHUNK_MAX):
-                    raise ManifestError(f"bad chunk entry {c!r}")
-                total += c[1]
-            if total != m.size:
-                raise ManifestError(f"chunk lengths add up to {total}, not the declared size {m.size}")
-            m.chunks = chunks
+            m.chunks = d.get("c")  # type: ignore[assignment]
+            check_chunks(m.chunks, m.size)
     elif kind == "symlink":
         m.target = _str(d, "l", 4096)
         if not m.target:

@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS conflicts (
 """
 
 
+BLOB_PREFIX = "\x00blob/"  # chunk locations inside a chunk-list blob, not a file of the volume
+
+
 @dataclass(slots=True)
 class FileRecord:
     """The last state of a path that this node and etcd agreed on."""
@@ -276,6 +279,20 @@ class LocalState:
                                 f"VALUES ({', '.join('?' * len(_FILE_COLS))})", rows)
             self.db.executemany("INSERT INTO chunks (chunk_id, volume, path, off, length) VALUES (?, ?, ?, ?, ?)",
                                 chunk_rows)
+
+    def put_blob(self, volume: str, blob_id: str, chunks: list[list[Any]]) -> None:
+        """Register the chunks of a chunk-list blob, so this node can serve it to peers."""
+        path = BLOB_PREFIX + blob_id
+        rows = []
+        off = 0
+        for cid, length in chunks:
+            rows.append((cid, volume, path, off, length))
+            off += length
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM chunks WHERE volume=? AND path=?", (volume, path))
+            self.db.executemany("INSERT INTO chunks (chunk_id, volume, path, off, length) VALUES (?, ?, ?, ?, ?)",
+                                rows)
 
     def set_rev(self, volume: str, path: str, rev: int) -> None:
         self.db.execute("UPDATE files SET rev=?, published=1 WHERE volume=? AND path=?", (rev, volume, path))
