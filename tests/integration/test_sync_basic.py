@@ -44,6 +44,12 @@ def test_files_dirs_symlinks_attrs_converge(cluster, volume):
     converged(nodes, volume, expect=lambda t: t["hello.txt"][2] == 0o600 and (c / "hello.txt").stat().st_mode
               & 0o777 == 0o600)
 
+    # chown too (the daemons run as root here, as the managed plugin does)
+    os.chown(b / "hello.txt", 1234, 5678)
+    wait_for(lambda: all((n.vol(volume) / "hello.txt").stat().st_uid == 1234
+                         and (n.vol(volume) / "hello.txt").stat().st_gid == 5678 for n in nodes), 10,
+             what="the owner change on every node")
+
     # delete a file and a directory tree
     (c / "hello.txt").unlink()
     shutil.rmtree(a / "deep")
