@@ -1,4 +1,4 @@
-"""Command line: `syncmesh-plugin serve | config show | status | volumes`.
+"""Command line: `syncmesh-plugin serve`, `config show`, `certs`, and the admin commands (admin.py).
 
 Admin commands talk to a node's HTTP API: by default the one described by the same config file and
 `SYNCMESH_*` environment the daemon uses, or the one given with --api.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
 
 import click
 import yaml
@@ -24,42 +23,6 @@ def _load(config: str | None) -> Config:
     except ConfigError as exc:
         click.echo(f"syncmesh-plugin: configuration error: {exc}", err=True)
         sys.exit(2)
-
-
-def _api_base(cfg: Config, api: str | None) -> str:
-    if api:
-        return api.rstrip("/")
-    host = cfg.server.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    scheme = "https" if cfg.security.tls_enabled else "http"
-    return f"{scheme}://{host}:{cfg.server.port}"
-
-
-def _get(cfg: Config, api: str | None, path: str) -> tuple[int, Any]:
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(_api_base(cfg, api) + path)
-    if cfg.security.auth_enabled and cfg.security.auth_tokens:
-        req.add_header("Authorization", f"Bearer {cfg.security.auth_tokens[0]}")
-    ctx = None
-    if cfg.security.tls_enabled:
-        ctx = ssl.create_default_context(cafile=cfg.security.tls_ca_file or None)
-        ctx.load_cert_chain(cfg.security.tls_cert_file, cfg.security.tls_key_file)
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body)
-        except ValueError:
-            return exc.code, {"error": body.decode(errors="replace")}
-    except (urllib.error.URLError, OSError) as exc:
-        click.echo(f"syncmesh-plugin: cannot reach the node API at {_api_base(cfg, api)}: {exc}", err=True)
-        sys.exit(3)
 
 
 @click.group()
