@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import ssl
 import stat
@@ -252,8 +253,11 @@ class Daemon:
                 metrics.nodes_in_cluster.set(len(nodes))
         return nodes
 
-    async def _peers(self, volume: str, origin: str) -> list[str]:
-        """Peer base URLs for a volume's chunks: the origin first, then every other holder."""
+    async def _peers(self, volume: str, origin: str, spread: bool = False) -> list[str]:
+        """Peer base URLs for a volume's chunks: the origin first, then every other holder.
+
+        With `spread` (big files), up to three other holders in random order come before the origin,
+        so the origin's upload does not grow with the number of nodes (peers serve what they have)."""
         nodes = await self._nodes()
         at, holders = self._holders_cache.get(volume, (0.0, []))
         if time.monotonic() - at > 2.0 and self.store is not None:
@@ -261,7 +265,12 @@ class Daemon:
                 _, kvs = await self.store.get_all(self.store.key("holders", volume) + b"/")
                 holders = [kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs]
                 self._holders_cache[volume] = (time.monotonic(), holders)
-        order = [origin] + [h for h in holders if h != origin]
+        others = [h for h in holders if h != origin]
+        if spread:
+            random.shuffle(others)
+            order = [*others[:3], origin, *others[3:]]
+        else:
+            order = [origin, *others]
         urls = []
         for n in order:
             if n == self.cfg.node_id or n not in nodes:

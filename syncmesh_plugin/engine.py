@@ -66,7 +66,7 @@ class EngineContext:
     get_store: Callable[[], EtcdStore | None]
     etcd_ready: asyncio.Event
     fetch: Callable[[str, list[str], list[str]], Awaitable[dict[str, bytes]]]
-    peers: Callable[[str, str], Awaitable[list[str]]]
+    peers: Callable[[str, str, bool], Awaitable[list[str]]]  # (volume, origin, spread load)
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     mass_delete_threshold: float = 0.5
     mass_delete_min_files: int = 20
@@ -90,18 +90,61 @@ def _record(volume: str, rel: str, m: Manifest, fs: FileStat | None, rev: int) -
         digest=m.digest, chunks=m.chunks, target=m.target, rev=rev, origin=m.origin)
 
 
-def _waves(chunks: list[list[Any]], limit: int) -> Iterator[list[list[Any]]]:
-    """Consecutive groups of chunks of about `limit` bytes."""
-    group: list[list[Any]] = []
+def _with_offsets(chunks: list[list[Any]]) -> list[tuple[str, int, int]]:
+    out = []
+    off = 0
+    for cid, ln in chunks:
+        out.append((cid, off, ln))
+        off += ln
+    return out
+
+
+def _waves(chunks: list[tuple[str, int, int]], limit: int) -> Iterator[list[tuple[str, int, int]]]:
+    """Consecutive groups of (id, offset, length) of about `limit` bytes."""
+    group: list[tuple[str, int, int]] = []
     size = 0
     for entry in chunks:
         group.append(entry)
-        size += entry[1]
+        size += entry[2]
         if size >= limit:
             yield group
             group, size = [], 0
     if group:
         yield group
+
+
+class _PartialFile:
+    """The temp file of a big file being applied, shared read-only with peers until it is committed.
+
+    Its descriptor is closed only when no read is in flight, so a worker thread never preads a closed
+    (or reused) descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+        self.readers = 0
+        self.closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def read(self, off: int, ln: int) -> bytes | None:
+        if self.closing:
+            return None
+        self.readers += 1
+        self._idle.clear()
+        try:
+            data = await asyncio.to_thread(os.pread, self.fd, ln, off)
+            return data if len(data) == ln else None
+        except OSError:
+            return None
+        finally:
+            self.readers -= 1
+            if self.readers == 0:
+                self._idle.set()
+
+    async def close(self) -> None:
+        self.closing = True
+        await self._idle.wait()
+        os.close(self.fd)
 
 
 def _depth(rel: str) -> int:
@@ -166,6 +209,7 @@ class VolumeSync:
         self._bypass_guard = False
         self._missing_since: dict[str, float] = {}
         self._overflows_seen = 0
+        self.partial: dict[str, tuple[_PartialFile, int, int]] = {}  # chunks of big files being applied
         self._recent_deletes: deque[tuple[float, int]] = deque()
 
     # ---- lifecycle
@@ -992,7 +1036,7 @@ class VolumeSync:
         metrics.bytes_reused.inc(sum(len(d) for d in local_hits.values()))
         if missing:
             t0 = time.monotonic()
-            peers = await self.ctx.peers(self.name, origin_hint)
+            peers = await self.ctx.peers(self.name, origin_hint, False)
             fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
             metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
             got.update(fetched)
@@ -1063,29 +1107,40 @@ class VolumeSync:
         self.state.put_files(await asyncio.to_thread(rename_all))
 
     async def _apply_large(self, it: _Pending) -> None:
-        """Stream a big file: fetch and write one wave of chunks at a time."""
+        """Stream a big file in waves of chunks, written at their offsets in a temp file.
+
+        To keep the origin's upload from growing with the number of nodes, every node starts at a
+        different wave (a hash of its id), asks a few other holders before the origin, and serves the
+        chunks it has already written to its temp file to the others while it is still applying."""
         locs_all = self._locations({cid for cid, _ in it.m.chunks})
         m = it.m
         dfd, tmp = await asyncio.to_thread(localfs.stage, self.root, it.rel,
                                            Manifest(kind="file", mode=0o600, mtime_ns=m.mtime_ns), lambda c, n: b"")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError:
             await asyncio.to_thread(localfs.discard, dfd, tmp)
             raise
+        shared = _PartialFile(fd)
+        waves = list(_waves(_with_offsets(m.chunks), LARGE_WAVE_BYTES))
+        start = int(chunker.chunk_id(f"{self.ctx.node_id}/{m.digest}".encode())[:8], 16) % max(1, len(waves))
         writing: asyncio.Future[None] | None = None
         try:
             peers: list[str] | None = None
 
-            def write(group: list[list[Any]], data: dict[str, bytes]) -> None:
-                for cid, _ in group:
+            def write(group: list[tuple[str, int, int]], data: dict[str, bytes]) -> None:
+                for cid, off, _ in group:
                     view = memoryview(data[cid])
                     while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
+                        n = os.pwrite(fd, view, off)
+                        view, off = view[n:], off + n
 
-            for group in _waves(m.chunks, LARGE_WAVE_BYTES):
-                ids = {cid: ln for cid, ln in group}
+            def published(group: list[tuple[str, int, int]]) -> None:
+                for cid, off, ln in group:
+                    self.partial.setdefault(cid, (shared, off, ln))
+
+            for group in waves[start:] + waves[:start]:
+                ids = {cid: ln for cid, _, ln in group}
                 local = await asyncio.to_thread(
                     lambda ids=ids: {c: d for c, n in ids.items() if (d := self._read_local(c, n, locs_all))})
                 missing = [c for c in ids if c not in local]
@@ -1093,7 +1148,7 @@ class VolumeSync:
                 metrics.bytes_reused.inc(sum(len(d) for d in local.values()))
                 if missing:
                     if peers is None:
-                        peers = await self.ctx.peers(self.name, m.origin)
+                        peers = await self.ctx.peers(self.name, m.origin, True)
                     t0 = time.monotonic()
                     fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
                     metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
@@ -1104,6 +1159,7 @@ class VolumeSync:
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(asyncio.to_thread(write, group, data))
+                writing.add_done_callback(lambda f, g=group: published(g) if not f.exception() else None)
             if writing is not None:
                 await writing
                 writing = None
@@ -1120,14 +1176,26 @@ class VolumeSync:
             if writing is not None:
                 with contextlib.suppress(BaseException):
                     await writing
-            os.close(fd)
+            self._unshare(shared)
+            await shared.close()
             await asyncio.to_thread(localfs.discard, dfd, tmp)
             raise
-        os.close(fd)
+        self._unshare(shared)
+        await shared.close()
         await self._commit([(it, dfd, tmp)])
+
+    def _unshare(self, shared: _PartialFile) -> None:
+        for cid in [c for c, (f, _, _) in self.partial.items() if f is shared]:
+            del self.partial[cid]
 
     # ---- chunk serving and status
     async def read_chunk(self, chunk_id: str) -> bytes | None:
+        part = self.partial.get(chunk_id)
+        if part is not None:  # a big file still being applied here: serve what is already written
+            shared, off, ln = part
+            data = await shared.read(off, ln)
+            if data is not None and chunker.verify(data, chunk_id):
+                return data
         locs = [loc for loc in self.state.chunk_locations(chunk_id) if loc[0] == self.name]
         if not locs:
             return None

@@ -48,7 +48,7 @@ async def _fetch(volume: str, ids: list[str], peers: list[str]) -> dict[str, byt
     return {}
 
 
-async def _peers(volume: str, origin: str) -> list[str]:
+async def _peers(volume: str, origin: str, spread: bool = False) -> list[str]:
     return []
 
 

@@ -208,7 +208,7 @@ async def _noop_fetch(volume: str, ids: list[str], peers: list[str]) -> dict[str
     return {}
 
 
-async def _no_peers(volume: str, origin: str) -> list[str]:
+async def _no_peers(volume: str, origin: str, spread: bool = False) -> list[str]:
     return []
 
 
