@@ -338,15 +338,22 @@ class ChaosNetwork(Network):
     """e2e_harness.Network with chaos names (smchaos*) and its own subnet."""
 
     SUBNET = "10.231.79"
+    _made = 0
 
     def __init__(self, count: int) -> None:
         super().__init__(count)
-        tag = f"{os.getpid() % 10000}"
+        ChaosNetwork._made += 1
+        tag = f"{os.getpid() % 100:02d}{ChaosNetwork._made % 1000:03d}"  # names stay within IFNAMSIZ (15)
         self.bridge = f"{NS_PREFIX}{tag}br"
         self.ns = [f"{NS_PREFIX}{tag}h{n}" for n in range(1, count + 1)]
         self.veth = [f"{NS_PREFIX}{tag}v{n}" for n in range(1, count + 1)]
         self.rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-m", "comment", "--comment",
                      "syncmesh-chaos", "-j", "ACCEPT"]
+
+    def close(self) -> None:
+        for veth in self.veth:  # explicitly: a veth only goes away asynchronously with its namespace
+            run(["ip", "link", "del", veth], check=False)
+        super().close()
 
 
 def sweep_stale() -> None:

@@ -62,13 +62,42 @@ def conclude(s: Scenario, timeout: float = 120.0, known: dict[str, tuple[str, Ca
     record(row)
     log(f"{s.name} seed {s.seed}: {row}")
     if row["problems"]:
-        known = known or {}
+        known = {**known_lost_without_copy(s), **(known or {})}
         diagnosed = [known[k] for k in row["kinds"] if k in known and known[k][1]()]
         if len(diagnosed) == len(row["kinds"]):
             row["xfail"] = True
             pytest.xfail(" | ".join(r for r, _ in diagnosed) + " -- observed: " + " / ".join(row["problems"])[:1500])
     assert not row["problems"], "\n".join(row["problems"])
     return row
+
+
+def known_lost_without_copy(s: Scenario) -> dict[str, tuple[str, Callable[[], bool]]]:
+    """Diagnosed: completed writes lost because a conflict winner skipped the loser's conflict copy."""
+
+    def evidence() -> bool:
+        logs = [n.log() for n in s.nodes]
+        return bool(s.verdict.lost) and all(
+            any(f"conflict on {w.path}: the other version (from {w.writer.split('-')[0]}) was never available" in lg
+                for lg in logs) for w in s.verdict.lost)
+
+    return {"lost": (
+        "engine bug: VolumeSync._conflict treats a remote version that is merely in self.deferred (one failed "
+        "fetch, e.g. origin restarting, or fetched in the moment between the origin's etcd commit and its local "
+        "index update) as 'never available from any peer', publishes its overwrite without the conflict copy, and "
+        "the origin then applies the winner over its only copy: a completed write is lost", evidence)}
+
+
+def known_temp_after_restart(s: Scenario, restarted: list[Any]) -> dict[str, tuple[str, Callable[[], bool]]]:
+    """Diagnosed: temp files of an interrupted apply are never swept by the restarted daemon."""
+
+    def evidence() -> bool:
+        left = {n.name: temp_files(n.vol(s.volume)) for n in s.nodes}
+        return any(left.values()) and all(not t or any(r.name == name for r in restarted) for name, t in left.items())
+
+    return {"temp": (
+        "engine bug: a daemon stopped (SIGKILL, or SIGTERM mid-apply) while staging a file leaves its "
+        ".syncmesh-tmp-* file behind; the restarted daemon never removes it (walk() skips temp names; they are "
+        "only unlinked when their directory is deleted)", evidence)}
 
 
 def first_temp(nodes: list[Any], volume: str) -> Any:
@@ -105,10 +134,8 @@ def test_sigkill_mid_transfer(scenario, seed, short):
     s.heal_now()
     s.expect_after(lambda: all((n.vol(s.volume) / "large/big.bin").read_bytes() == data for n in s.nodes),
                    "large", "the large file is not intact on every node")
-    conclude(s, timeout=s.converge_timeout, known={"temp": (
-        "engine bug: a daemon killed (SIGKILL) while staging a file leaves its .syncmesh-tmp-* file behind; "
-        "the restarted daemon never removes it (no sweep of temp files at start)",
-        lambda: all(not t or n is victim for n, t in ((n, temp_files(n.vol(s.volume))) for n in s.nodes)))})
+    conclude(s, timeout=s.converge_timeout,
+             known={**known_temp_after_restart(s, [victim]), **known_lost_without_copy(s)})
 
 
 # ------------------------------------------------------------------------------------------ etcd
@@ -198,7 +225,14 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     sigstop(c)
     data = s.rng.randbytes(s.rng.choice([200_000, 3 << 20, 20 << 20]))
     assert s.one_write(a, "sole/only-on-n1.bin", data)
-    s.wait_published(a, "sole/only-on-n1.bin", len(data))
+    t_pub = time.monotonic()
+    try:
+        s.wait_published(a, "sole/only-on-n1.bin", len(data), timeout=40)
+    except AssertionError:
+        pass
+    took_pub = time.monotonic() - t_pub
+    s.notes.append(f"n1 published its file in {took_pub:.1f}s with n2/n3 frozen")
+    s.expect(took_pub < 10, "stall", f"n1 needed {took_pub:.0f}s to publish a local file while n2/n3 were frozen")
     if how == "sigstop":
         sigstop(a)
     else:
@@ -223,7 +257,11 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     s.notes.append(f"deferred while n1 away: {bool(log_lines(b, 'only-on-n1.bin deferred', limit=1))}")
     s.heal_now()
     s.expect(flowed, "stall", "changes between reachable nodes stalled while the sole holder was away")
-    conclude(s, timeout=s.converge_timeout)
+    conclude(s, timeout=s.converge_timeout, known={"stall": (
+        "engine bug: a frozen (not dead) peer stalls the volume on every other node: _apply holds VolumeSync.lock "
+        "while fetching chunks (transfer request_timeout 30 s per peer, circuit opens only after that) and _flush "
+        "needs the same lock, so neither local changes are published nor other remote changes applied meanwhile",
+        lambda: all("frozen" in text or how == "sigstop" for kind, text in s.extra if kind == "stall"))})
 
 
 # ------------------------------------------------------------------------------------------ disk full
@@ -293,4 +331,4 @@ def test_plugin_restart_under_writes(scenario, seed, short):
         s.sleep(s.rng.uniform(1, 3))
     s.notes.append("n2 restarts: " + ", ".join(how))
     s.heal_now()
-    conclude(s, timeout=s.converge_timeout)
+    conclude(s, timeout=s.converge_timeout, known=known_temp_after_restart(s, [b]))
