@@ -44,6 +44,7 @@ WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applyi
 LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
 APPLY_PAGE = 512
 FLUSH_MAX = 4096  # paths hashed and published per round
+DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
 DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
 
@@ -201,6 +202,8 @@ class VolumeSync:
         # Remote changes whose chunks no peer could serve yet: retried, and the stored watch revision
         # never moves past them, so a restart replays them instead of forgetting them.
         self.deferred: dict[str, _Pending] = {}
+        self._drained = asyncio.Event()
+        self._drained.set()
         # Guard against mass damage: while paused nothing is published or applied for this volume,
         # until an operator resumes it (accepting the local state, or restoring from the cluster).
         self.paused = ""
@@ -358,6 +361,11 @@ class VolumeSync:
         async for batch in self.store.watch(prefix, rev + 1):
             if self.paused:
                 await self._unpaused.wait()
+            while len(self.deferred) >= DEFER_MAX:
+                # Back-pressure: peers cannot serve what we need; stop reading the watch (gRPC flow
+                # control holds the rest in etcd) until retries drain the backlog.
+                self._drained.clear()
+                await self._drained.wait()
             if batch.events:
                 items = []
                 for ev in batch.events:
@@ -444,6 +452,8 @@ class VolumeSync:
         delay = 1.0
         while True:
             await asyncio.sleep(delay)
+            if len(self.deferred) < DEFER_MAX // 2:
+                self._drained.set()
             if not self.deferred or not self.ctx.etcd_ready.is_set():
                 delay = 1.0
                 continue
@@ -455,6 +465,8 @@ class VolumeSync:
                     for it in items:
                         self.deferred.setdefault(it.rel, it)
             delay = min(delay * 2, 30.0) if self.deferred else 1.0
+            if len(self.deferred) < DEFER_MAX // 2:
+                self._drained.set()
 
     # ---- publishing
     async def _publisher(self) -> None:
