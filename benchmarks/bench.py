@@ -353,8 +353,10 @@ def w_restart(s: System, cfg: argparse.Namespace) -> Result:
     t1 = time.monotonic()
     write_file(d / "w10/after-restart.txt", b"x")
     wait_converged(s, t1, 120, poll=0.5)
+    rss = getattr(s, "rss_after_restart", 0)
     return Result(s.name, f"10. restart holding {n} unchanged files", ready_s, f"ready in {ready_s:.1f} s",
-                  extra={"seed_seconds": round(seed_s, 1), "seed_files_per_s": round(n / seed_s)})
+                  extra={"seed_seconds": round(seed_s, 1), "seed_files_per_s": round(n / seed_s),
+                         "rss_after_restart_mb": round(rss / 2**20, 1) if rss else None})
 
 
 WORKLOADS: list[tuple[str, Callable[[System, argparse.Namespace], Result], bool]] = [

@@ -74,6 +74,8 @@ class Syncmesh(System):
         self.nodes: list[Node] = []
         self.volume = ""
         self.prefix = f"/bench{uuid.uuid4().hex[:6]}"
+        self._restarted_bytes = 0
+        self.rss_after_restart = 0
 
     def start(self) -> None:
         (self.base / "etcd").mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ class Syncmesh(System):
         return [nd.proc.pid for nd in self.nodes if nd.proc is not None]
 
     def peer_bytes(self) -> int:
-        total = 0
+        total = self._restarted_bytes  # counters of a restarted daemon start again at 0
         for nd in self.nodes:
             _, body = nd.http("GET", "/metrics")
             for line in body.decode().splitlines():
@@ -117,8 +119,14 @@ class Syncmesh(System):
                     total += int(float(line.split()[1]))
         return total
 
+    def _received(self, nd: Node) -> int:
+        _, body = nd.http("GET", "/metrics")
+        return sum(int(float(line.split()[1])) for line in body.decode().splitlines()
+                   if line.startswith("syncmesh_bytes_received_total "))
+
     def restart_node(self, i: int) -> float:
         nd = self.nodes[i]
+        self._restarted_bytes += self._received(nd)
         nd.stop()
         t0 = time.monotonic()
         nd.start(wait=False)
@@ -128,7 +136,10 @@ class Syncmesh(System):
             return code == 200 and body["sync"].get("ready") and body["sync"].get("pending", 1) == 0
 
         wait_for(ready, 300, interval=0.05, what="restarted node ready")
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        assert nd.proc is not None
+        self.rss_after_restart = proc_stats(nd.proc.pid)[0]
+        return took
 
     def extra(self) -> dict[str, Any]:
         size = 0

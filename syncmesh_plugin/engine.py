@@ -338,7 +338,7 @@ class VolumeSync:
                 log.warning("volume %s: %s; reconciling from a full read", self.name, exc)
                 self.state.set_synced(self.name, False)
                 continue
-            except EtcdUnavailable as exc:
+            except (EtcdUnavailable, FetchError) as exc:
                 self.status.last_error = str(exc)
                 log.warning("volume %s: %s; retrying", self.name, exc)
             except asyncio.CancelledError:
@@ -422,6 +422,11 @@ class VolumeSync:
                         items.append(p)
                 self.state.add_seen(names)
                 await self._apply(items)
+                if len(self.deferred) >= DEFER_MAX:
+                    # Peers cannot serve what we need: stop here with memory bounded; the whole reconcile
+                    # runs again later (what was applied is skipped then) and the revision is not advanced.
+                    self.deferred.clear()
+                    raise FetchError(f"{DEFER_MAX} changes wait for chunks no reachable peer has")
             gc = await store.get(store.key("gc", self.name))
             horizon = int(meta_loads(gc.value).get("revision", 0)) if gc is not None else 0
             # Index entries etcd no longer has: deleted elsewhere while we were away and their tombstones
