@@ -30,7 +30,7 @@ from . import chunker, localfs, metrics
 from .ignore import IgnoreMatcher
 from .localfs import FileStat
 from .manifest import Manifest, ManifestError, decode, parse_chunk_list
-from .meta import MAX_TXN_OPS, CompactedError, EtcdStore, EtcdUnavailable
+from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired
 from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import BLOB_PREFIX, FileRecord, LocalState
@@ -334,7 +334,7 @@ class VolumeSync:
                 if rev >= target:
                     self._mark_ready()
                 await self._follow(rev, target)
-            except CompactedError as exc:
+            except ResyncRequired as exc:
                 log.warning("volume %s: %s; reconciling from a full read", self.name, exc)
                 self.state.set_synced(self.name, False)
                 continue

@@ -42,12 +42,20 @@ class EtcdUnavailable(RuntimeError):
     """etcd could not be reached or refused the request; the message says which endpoint and why."""
 
 
-class CompactedError(RuntimeError):
-    """A watch asked for history etcd no longer has: the caller must resync from a range read."""
+class ResyncRequired(RuntimeError):
+    """The watch cannot deliver the history: the caller must resync from a (paged) range read."""
+
+
+class CompactedError(ResyncRequired):
+    """A watch asked for history etcd no longer has."""
 
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"etcd compacted history up to revision {compact_revision}")
         self.compact_revision = compact_revision
+
+
+class BacklogTooLarge(ResyncRequired):
+    """etcd packed more replayed history into one watch response than we accept in one message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +159,9 @@ class EtcdStore:
         # minutes. Reconnect within a couple of seconds instead.
         client._manager.grpc_options.extend([
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000)])
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            # Watch responses replaying a backlog can be large; past this, BacklogTooLarge -> range read.
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
         await client.connect()
         self._client = client
         try:
@@ -440,6 +450,10 @@ class EtcdStore:
                 rev = max(e.mod_revision for e in events) if events else int(resp.header.revision)
                 yield WatchBatch(events, rev)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # Catching up on a long backlog: etcd sends up to 1000 revisions per response, and ours
+                # are transactions of up to 128 manifests. A paged range read gets there instead.
+                raise BacklogTooLarge(f"watch backlog too large for one message ({exc.details()})") from None
             raise _wrap(exc, "watch") from None
         finally:
             with contextlib.suppress(Exception):

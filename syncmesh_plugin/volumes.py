@@ -20,7 +20,7 @@ from typing import Any
 
 from .engine import Engine
 from .membership import Membership
-from .meta import CompactedError, EtcdStore, EtcdUnavailable, dumps, loads
+from .meta import EtcdStore, EtcdUnavailable, ResyncRequired, dumps, loads
 from .state import LocalState
 from .volopts import VolumeError, VolumeOptions, parse_options, validate_name
 
@@ -258,7 +258,7 @@ class VolumeManager:
                         else:
                             with contextlib.suppress(ValueError):
                                 self.state.put_volume(name, loads(ev.value), ev.mod_revision)
-            except CompactedError:
+            except ResyncRequired:
                 continue
 
     async def resume_held(self) -> None:
