@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncmesh_plugin.devcluster import Etcd, Node, tree, wait_for
+from syncmesh_plugin.devcluster import Etcd, Node, wait_for
+from syncmesh_plugin.devcluster import tree as _tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from e2e_harness import Network, run
@@ -154,6 +155,16 @@ class Writer(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------------- checker
+def tree(root: Path) -> dict[str, tuple[Any, ...]]:
+    """devcluster.tree, retried while the daemon renames or replaces files under our feet."""
+    for _ in range(20):
+        try:
+            return _tree(root)
+        except OSError:
+            time.sleep(0.05)
+    return _tree(root)
+
+
 def file_digests(root: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for rel, v in tree(root).items():
