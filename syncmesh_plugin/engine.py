@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applyi
 LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
 APPLY_PAGE = 512
 FLUSH_MAX = 4096  # paths hashed and published per round
+TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
 DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
@@ -217,6 +219,9 @@ class VolumeSync:
 
     # ---- lifecycle
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._started_ns = time.time_ns()  # temp files older than this belong to a previous daemon
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         self.state.hold(self.name)
         if self.state.get_meta(f"root:{self.name}") is None:
@@ -545,7 +550,7 @@ class VolumeSync:
                 while stack and not stop.is_set():
                     d = stack.pop()
                     known = LocalState.children_stats(db, self.name, d)
-                    for rel, fs in localfs.list_dir(self.root, d, self._ignored_path):
+                    for rel, fs in localfs.list_dir(self.root, d, self._ignored_path, self._started_ns):
                         t = known.pop(rel, None)
                         if fs.kind == "dir":
                             stack.append(rel)
@@ -800,14 +805,9 @@ class VolumeSync:
             if self._local_wins(local, remote):
                 ops = []
                 copy = ""
-                unreachable = rel in self.deferred and self.deferred[rel].rev <= kv.mod_revision
-                if unreachable:
-                    # We never could fetch the remote version (no peer has its chunks): a conflict copy of
-                    # it would point at content nobody can serve. Keep ours; say so.
-                    log.warning("volume %s: conflict on %s: the other version (from %s) was never available "
-                                "from any peer; no conflict copy kept", self.name, rel, remote.origin)
-                    self.deferred.pop(rel, None)
-                if self.keep_copies and remote.kind == "file" and local.kind != "deleted" and not unreachable:
+                # Even when we could not fetch the remote version yet (its origin may be away), its copy is
+                # published: it becomes whole as soon as a holder of its chunks is back, and no write is lost.
+                if self.keep_copies and remote.kind == "file" and local.kind != "deleted":
                     # The loser's content is kept under a conflict name, published in the same
                     # transaction and before the overwrite: a node that holds only the losing version
                     # sees both in one batch and builds the copy from its local file before replacing it.
@@ -880,12 +880,13 @@ class VolumeSync:
         dirs = [i for i in clean if i.m.kind == "dir"]
         files = [i for i in clean if i.m.kind in ("file", "symlink")]
         deletes = [i for i in clean if i.m.kind == "deleted"]
+        # Worker threads touch the disk only; the index is written here, on the loop's connection.
         if dirs:
-            await asyncio.to_thread(self._apply_dirs, dirs)
+            self.state.put_files(await asyncio.to_thread(self._apply_dirs, dirs))
         if files:
             await self._apply_files(files)
         if deletes:
-            await asyncio.to_thread(self._apply_deletes, deletes)
+            self.state.put_files(await asyncio.to_thread(self._apply_deletes, deletes))
         done = [i for i in clean if i.rec is not None and i.rec.rev == i.rev]
         if done:
             now = time.time()
@@ -919,7 +920,7 @@ class VolumeSync:
             return
         await self._conflict(it.rel, local, it.fs)
 
-    def _apply_dirs(self, dirs: list[_Pending]) -> None:
+    def _apply_dirs(self, dirs: list[_Pending]) -> list[FileRecord]:
         recs = []
         for it in dirs:
             try:
@@ -929,9 +930,9 @@ class VolumeSync:
                 continue
             it.rec = _record(self.name, it.rel, it.m, fs, it.rev)
             recs.append(it.rec)
-        self.state.put_files(recs)
+        return recs
 
-    def _apply_deletes(self, deletes: list[_Pending]) -> None:
+    def _apply_deletes(self, deletes: list[_Pending]) -> list[FileRecord]:
         recs = []
         for it in deletes:
             try:
@@ -941,14 +942,17 @@ class VolumeSync:
                 continue
             if not removed:
                 # A directory deleted elsewhere still holds local content: modify beats delete.
-                self.dirty.add(it.rel)
+                self._on_loop(self.dirty.add, it.rel)
             it.rec = _record(self.name, it.rel, it.m, None, it.rev)
             recs.append(it.rec)
-        self.state.put_files(recs)
-        if any(it.rel in self.dirty for it in deletes):
-            self.kick.set()
+        self._on_loop(self.kick.set)
+        return recs
 
     def _reject(self, it: _Pending, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            # Disk full, quota, read-only remount: nothing wrong with the change; retry it later.
+            self._defer(it, exc)
+            return
         metrics.rejected_input.labels("apply").inc()
         log.warning("volume %s: cannot apply %s (revision %d): %s", self.name, it.rel, it.rev, exc)
 
@@ -1063,7 +1067,18 @@ class VolumeSync:
                                  f"({', '.join(peers) or 'no peers'})")
         return got, locs
 
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn on the event loop: worker threads must not touch sets and dicts the loop iterates.
+        (Scheduled before the thread's own result, so it has run when the awaiting code resumes.)"""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
     def _defer(self, it: _Pending, exc: BaseException) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self._on_loop(self._defer, it, exc)
+            return
         if it.rel not in self.deferred:
             log.warning("volume %s: %s deferred: %s", self.name, it.rel, exc)
         self.deferred[it.rel] = it

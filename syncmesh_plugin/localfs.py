@@ -72,9 +72,13 @@ def lstat(root: str, rel: str) -> FileStat | None:
         os.close(dfd)
 
 
-def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool]) -> list[tuple[str, FileStat]]:
+def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
+             sweep_before_ns: int = 0) -> list[tuple[str, FileStat]]:
     """The entries of one directory below root (never following symlinks), minus ignored and internal
-    names; a directory that vanished or cannot be read has none."""
+    names; a directory that vanished or cannot be read has none.
+
+    With `sweep_before_ns`, temp files of an apply interrupted before that time (a daemon killed
+    mid-transfer) are removed: their ctime tells them from the running daemon's own."""
     out: list[tuple[str, FileStat]] = []
     try:
         it = os.scandir(os.path.join(root, base) if base else root)
@@ -84,6 +88,12 @@ def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool]) -> list
         for entry in it:
             name = entry.name
             if name.startswith(TMP_PREFIX):
+                if sweep_before_ns:
+                    try:
+                        if entry.stat(follow_symlinks=False).st_ctime_ns < sweep_before_ns:
+                            os.unlink(entry.path)
+                    except OSError:
+                        pass
                 continue
             rel = f"{base}/{name}" if base else name
             try:

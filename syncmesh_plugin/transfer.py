@@ -470,7 +470,9 @@ class PeerClient:
         return attempt
 
     def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self._request_timeout)
+        # A frozen peer (stopped process, dead host behind a live socket) accepts connections but never
+        # answers: give up on it after a few idle seconds, not after the whole request timeout.
+        return aiohttp.ClientTimeout(total=self._request_timeout, sock_connect=3.0, sock_read=5.0)
 
     @staticmethod
     def _check_status(peer: str, status: int) -> None:
