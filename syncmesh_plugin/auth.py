@@ -108,7 +108,10 @@ def make_middleware(
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if enabled and not (health_open and request.path == HEALTH_PATH):
+        # The status page itself is static HTML with no data in it; everything it shows comes from the
+        # API, with the token the operator types into the page.
+        public = (health_open and request.path == HEALTH_PATH) or (request.path == "/" and request.method == "GET")
+        if enabled and not public:
             role = checker.role(bearer_token(request))
             if role is None:
                 metrics.rejected_input.labels("auth").inc()

@@ -40,7 +40,7 @@ def _app(cfg: Config) -> web.Application:
     async def prom(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    for path in ("/api/v1/health", "/api/v1/info", "/api/v1/volumes"):
+    for path in ("/", "/api/v1/health", "/api/v1/info", "/api/v1/volumes"):
         app.router.add_get(path, ok)
     app.router.add_post("/api/v1/info", ok)
     app.router.add_get("/metrics", prom)
@@ -219,3 +219,13 @@ def test_config_token_with_space_refused_without_echoing_it(tmp_path: Any) -> No
     with pytest.raises(ConfigError, match="printable ASCII") as ei:
         load_config(str(p), {"SYNCMESH_NODE_ID": "n1"})
     assert "secret" not in str(ei.value)
+
+
+async def test_status_page_html_is_public_but_its_data_is_not(client: TestClient[Any, Any]) -> None:
+    """The page (static HTML, no data) loads without a token and asks for one; the API it calls still
+    refuses without it."""
+    assert (await client.get("/")).status == 200
+    assert (await client.post("/")).status == 401
+    assert (await client.get("/api/v1/volumes")).status == 401
+    assert (await client.get("/api/v1/volumes", headers=bearer(READER))).status == 200
+
