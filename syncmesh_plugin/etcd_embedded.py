@@ -86,14 +86,27 @@ class EmbeddedEtcd:
         while loop.time() < deadline:
             if self.proc.returncode is not None:
                 raise RuntimeError(f"embedded etcd exited with code {self.proc.returncode}; see {log_path}")
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", self.client_port)
-                w.close()
+            if await self._healthy():
                 return self.endpoint
-            except OSError:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
         await self.stop()
         raise RuntimeError(f"embedded etcd did not listen on {client} within {timeout:.0f}s; see {log_path}")
+
+    async def _healthy(self) -> bool:
+        """etcd's own /health: listening is not enough, it must have elected itself and serve."""
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.client_port), 1)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            w.write(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            await w.drain()
+            body = await asyncio.wait_for(r.read(4096), 2)
+            return b'"health":"true"' in body or b'"health": "true"' in body
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            w.close()
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
