@@ -38,7 +38,8 @@ def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., S
     def make(name: str, **kw: Any) -> Scenario:
         s = Scenario(name, seed, tmp_path, **kw)
         # bound on convergence after healing (the periodic rescan, 30 s, is the engine's safety net)
-        s.converge_timeout = 30.0 if short else 60.0
+        # (deferred fetches are retried with a backoff capped at 30 s, so anything below ~45 s is too tight)
+        s.converge_timeout = 45.0 if short else 60.0
         made.append(s)
         return s
 
@@ -248,8 +249,10 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     deadline = t0 + 30
     while time.monotonic() < deadline and not (b.vol(s.volume) / probe).exists():
         time.sleep(0.1)
-    flowed = (b.vol(s.volume) / probe).exists()
-    s.notes.append(f"n1 {how}; n3->n2 while n1 away: {'%.1fs' % (time.monotonic() - t0) if flowed else 'STALLED'}")
+    took = time.monotonic() - t0
+    flowed = (b.vol(s.volume) / probe).exists() and took < 10
+    arrived = (b.vol(s.volume) / probe).exists()
+    s.notes.append(f"n1 {how}; n3->n2 while n1 away: {f'{took:.1f}s' if arrived else 'STALLED'}")
     s.sleep(max(0, 12 - (time.monotonic() - t0)))
     if how == "sigstop":
         sigcont(a)
@@ -257,7 +260,8 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
         a.start()
     s.notes.append(f"deferred while n1 away: {bool(log_lines(b, 'only-on-n1.bin deferred', limit=1))}")
     s.heal_now()
-    s.expect(flowed, "stall", "changes between reachable nodes stalled while the sole holder was away")
+    s.expect(flowed, "stall", f"changes between reachable nodes stalled while the sole holder was away "
+                              f"({took:.0f}s for one small file from n3 to n2)")
     conclude(s, timeout=s.converge_timeout, known={"stall": (
         "engine bug: a frozen (not dead) peer stalls the volume on every other node: _apply holds VolumeSync.lock "
         "while fetching chunks (transfer request_timeout 30 s per peer, circuit opens only after that) and _flush "
