@@ -204,6 +204,7 @@ class VolumeSync:
         # Remote changes whose chunks no peer could serve yet: retried, and the stored watch revision
         # never moves past them, so a restart replays them instead of forgetting them.
         self.deferred: dict[str, _Pending] = {}
+        self.retry_now = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
         # Guard against mass damage: while paused nothing is published or applied for this volume,
@@ -461,7 +462,9 @@ class VolumeSync:
     async def _retry_deferred(self) -> None:
         delay = 1.0
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.retry_now.wait(), delay)  # a peer came back: retry at once
+            self.retry_now.clear()
             if len(self.deferred) < DEFER_MAX // 2:
                 self._drained.set()
             if not self.deferred or not self.ctx.etcd_ready.is_set():
@@ -474,7 +477,7 @@ class VolumeSync:
                 except EtcdUnavailable:
                     for it in items:
                         self.deferred.setdefault(it.rel, it)
-            delay = min(delay * 2, 30.0) if self.deferred else 1.0
+            delay = min(delay * 2, 15.0) if self.deferred else 1.0
             if len(self.deferred) < DEFER_MAX // 2:
                 self._drained.set()
 
@@ -1299,6 +1302,11 @@ class Engine:
             await vs.start()
             metrics.volumes_held.set(len(self.volumes))
         return vs
+
+    def retry_deferred_now(self) -> None:
+        for vs in self.volumes.values():
+            if vs.deferred:
+                vs.retry_now.set()
 
     async def wait_ready(self, name: str, timeout: float) -> bool:
         vs = self.volumes.get(name)

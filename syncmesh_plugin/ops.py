@@ -80,6 +80,7 @@ class Ops:
                 if n != self.node:
                     log.info("peer %s up (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
                     self.emit("peer_up", {"node": n, "advertise": nodes[n].get("advertise", "")})
+                    self.d.engine.retry_deferred_now()  # the chunks we wait for may be on it
             for n in sorted(self._known_nodes - live):
                 if n != self.node:
                     log.info("peer %s down", n, extra={"peer": n})
