@@ -21,6 +21,7 @@ import random
 import shutil
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -225,7 +226,8 @@ class VolumeSync:
         self._started_ns = time.time_ns()  # temp files older than this belong to a previous daemon
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         self.state.hold(self.name)
-        if self.state.get_meta(f"root:{self.name}") is None:
+        known = self.state.get_meta(f"root:{self.name}")
+        if known is None or known.count(":") == 1:  # none yet, or recorded before the mark existed
             self._remember_root()
         self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
                                      debounce=self.ctx.debounce)
@@ -250,14 +252,24 @@ class VolumeSync:
         self._tasks = []
 
     # ---- guard against mass damage
+    _XATTR = "trusted.syncmesh.root" if os.geteuid() == 0 else "user.syncmesh.root"
+
     def _root_id(self) -> str:
+        """Device, inode and a mark left on the directory itself: a new directory can get the freed
+        inode number of the old one, but not its extended attribute."""
         try:
             st = os.stat(self.root)
         except OSError:
             return ""
-        return f"{st.st_dev}:{st.st_ino}"
+        try:
+            mark = os.getxattr(self.root, self._XATTR).decode()
+        except OSError:
+            mark = ""
+        return f"{st.st_dev}:{st.st_ino}:{mark}"
 
     def _remember_root(self) -> None:
+        with contextlib.suppress(OSError):  # file systems without xattrs: device and inode only
+            os.setxattr(self.root, self._XATTR, uuid.uuid4().hex.encode())
         self.state.set_meta(f"root:{self.name}", self._root_id())
 
     def _root_problem(self) -> str:
@@ -1061,7 +1073,7 @@ class VolumeSync:
         if missing:
             t0 = time.monotonic()
             peers = await self.ctx.peers(self.name, origin_hint, False)
-            fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
+            fetched = await self._fetch_unlocked(missing, peers) if peers else {}
             metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
             got.update(fetched)
             lacking = [cid for cid in missing if cid not in fetched]
@@ -1077,6 +1089,19 @@ class VolumeSync:
             fn(*args)
         else:
             self._loop.call_soon_threadsafe(fn, *args)
+
+    async def _fetch_unlocked(self, ids: list[str], peers: list[str]) -> dict[str, bytes]:
+        """Fetch chunks without holding the volume lock: a slow or frozen peer must not stop this
+        node from publishing its own changes or applying others meanwhile. Safe because nothing is
+        renamed into place before `_commit` re-checks the target against what it saw before."""
+        held = self.lock.locked()
+        if held:
+            self.lock.release()
+        try:
+            return await self.ctx.fetch(self.name, ids, peers)
+        finally:
+            if held:
+                await self.lock.acquire()
 
     def _defer(self, it: _Pending, exc: BaseException) -> None:
         if threading.get_ident() != self._loop_thread:
@@ -1185,7 +1210,7 @@ class VolumeSync:
                     if peers is None:
                         peers = await self.ctx.peers(self.name, m.origin, True)
                     t0 = time.monotonic()
-                    fetched = await self.ctx.fetch(self.name, missing, peers) if peers else {}
+                    fetched = await self._fetch_unlocked(missing, peers) if peers else {}
                     metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
                     if len(fetched) < len(missing):
                         raise FetchError(f"{len(missing) - len(fetched)} chunk(s) of {it.rel} not available")
