@@ -103,7 +103,7 @@ chaos-short: install deps
 
 # Scale benchmark (issue 9): a 1,000,000-file volume (publish, join, restart, 1,000 edits), twelve nodes and a
 # 512 MiB file, 200 volumes on one node, etcd footprint under steady edits, the inotify watch limit. Real etcd
-# and daemons as processes; prints a table and writes benchmarks/results/scale.json (about 25 minutes).
+# and daemons as processes; prints a table and writes benchmarks/results/scale.json (38 minutes measured).
 # SCALE_ARGS="--quick" for a 2-minute smoke run, "--only 1 --files 100000" for one scenario.
 .PHONY: scale
 scale: install deps

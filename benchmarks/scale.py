@@ -52,7 +52,7 @@ from syncmesh_plugin.devcluster import BIN, Etcd, Node, UnixHTTP, wait_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
-ENTRY_TIMEOUT = 3600
+ENTRY_TIMEOUT = 3600  # default bound of each step of scenario 1 (--step-timeout)
 
 
 def log(msg: str) -> None:
@@ -457,7 +457,8 @@ def s_million(sc: Scenario) -> None:
 def _million(sc: Scenario, tree: Tree, expected_keys: int, etcd: ScaleEtcd, a: Node, b: Node, peak: Peak) -> None:
     vol = "big"
     files_prefix = f"{sc.prefix}/files/{vol}/".encode()
-    a.ok("VolumeDriver.Create", {"Name": vol, "Opts": {"mount_timeout": f"{ENTRY_TIMEOUT}s"}})
+    limit = sc.cfg.step_timeout
+    a.ok("VolumeDriver.Create", {"Name": vol, "Opts": {"mount_timeout": f"{limit}s"}})
     a.mount(vol, "scale")
     gen = sc.base / "gen"
     t0 = time.monotonic()
@@ -482,7 +483,7 @@ def _million(sc: Scenario, tree: Tree, expected_keys: int, etcd: ScaleEtcd, a: N
             log(f"     publish: {c:,}/{expected_keys:,} keys after {time.monotonic() - t0:.0f} s")
         return c >= expected_keys
 
-    wait_for(published, ENTRY_TIMEOUT, interval=2.0, what="every manifest in etcd")
+    wait_for(published, limit, interval=2.0, what="every manifest in etcd")
     t_etcd = time.monotonic() - t0
     wait_for(lambda: vol_status(a, vol).get("pending", 1) == 0, 600, interval=0.5, what="A pending 0")
     t_idle = time.monotonic() - t0
@@ -501,7 +502,7 @@ def _million(sc: Scenario, tree: Tree, expected_keys: int, etcd: ScaleEtcd, a: N
     b.start()
     cpu_a0 = proc_stats(a.proc.pid)[1]
     t0 = time.monotonic()
-    docker_long(b, "VolumeDriver.Mount", {"Name": vol, "ID": "scale"}, ENTRY_TIMEOUT + 60)
+    docker_long(b, "VolumeDriver.Mount", {"Name": vol, "ID": "scale"}, limit + 60)
     t_mount = time.monotonic() - t0
     pk = peak.take()
     files, dirs, nbytes = walk_counts(b.vol(vol))
@@ -533,7 +534,7 @@ def _million(sc: Scenario, tree: Tree, expected_keys: int, etcd: ScaleEtcd, a: N
         s = vol_status(b, vol)
         return bool(s.get("ready")) and s.get("pending", 1) == 0
 
-    wait_for(ready, ENTRY_TIMEOUT, interval=0.2, what="B ready after restart")
+    wait_for(ready, limit, interval=0.2, what="B ready after restart")
     t_restart = time.monotonic() - t0
     pk = peak.take()
     # idle afterwards (periodic rescans at 300 s here; the housekeeping leader's rounds are included)
@@ -1021,6 +1022,13 @@ def table(all_rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def save(report: dict[str, Any], path: str) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: 20,000 files, 4 nodes, 32 MiB, 20 volumes")
@@ -1043,6 +1051,8 @@ def main() -> None:
     ap.add_argument("--max-watches", type=int, default=64)
     ap.add_argument("--limit-dirs", type=int, default=200)
     ap.add_argument("--limited-interval", type=int, default=2)
+    ap.add_argument("--step-timeout", type=int, default=ENTRY_TIMEOUT,
+                    help="bound of each step of scenario 1 in seconds (also the volume's mount_timeout)")
     ap.add_argument("--bench-dir", default=os.environ.get("BENCH_DIR", "/var/tmp"))
     ap.add_argument("--keep", action="store_true", help="keep the data directories (debugging)")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -1086,14 +1096,12 @@ def main() -> None:
                       "findings": sc.findings})
         report["scenarios"][key] = entry
         all_rows += [(key, r) for r in sc.rows]
+        save(report, cfg.out)  # after every scenario, so a long run interrupted later keeps what it measured
     report["total_seconds"] = round(time.monotonic() - started, 1)
     print()
     print(table(all_rows))
     print(f"\ntotal {report['total_seconds']:.0f} s")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"written {out}")
+    print(f"written {save(report, cfg.out)}")
     if any("error" in e for e in report["scenarios"].values()):
         sys.exit(1)
 
