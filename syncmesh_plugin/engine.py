@@ -151,6 +151,14 @@ class _PartialFile:
         os.close(self.fd)
 
 
+def _limit(name: str) -> int:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 128
+
+
 def _depth(rel: str) -> int:
     return rel.count("/")
 
@@ -206,6 +214,7 @@ class VolumeSync:
         # never moves past them, so a restart replays them instead of forgetting them.
         self.deferred: dict[str, _Pending] = {}
         self.retry_now = asyncio.Event()
+        self.tombstones_seen = 0  # deletions published or applied here (housekeeping skips idle volumes)
         self._drained = asyncio.Event()
         self._drained.set()
         # Guard against mass damage: while paused nothing is published or applied for this volume,
@@ -231,7 +240,15 @@ class VolumeSync:
             self._remember_root()
         self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
                                      debounce=self.ctx.debounce)
-        self.watcher.start()
+        try:
+            self.watcher.start()
+        except OSError as exc:
+            # One inotify instance per volume: past fs.inotify.max_user_instances (128 by default)
+            # this volume is kept correct by rescans every 5 s instead.
+            hint = (" (inotify instance limit reached: raise it with sysctl fs.inotify.max_user_instances="
+                    f"{_limit('max_user_instances') * 4})" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+            self.watcher.degraded = True
+            self.watcher.degraded_reason = f"inotify unavailable: {exc.strerror}{hint}"
         if self.watcher.degraded:
             log.warning("volume %s: %s; falling back to rescans every %ss", self.name,
                         self.watcher.degraded_reason, self.ctx.interval)
@@ -774,6 +791,8 @@ class VolumeSync:
                 self.state.put_blob(self.name, m.blob_digest, m.blob)
         for _, m, _ in batch:
             metrics.ops_published.labels(m.kind).inc()
+            if m.kind == "deleted":
+                self.tombstones_seen += 1
         self.status.published += len(batch)
         self.ctx.emit("published", {"volume": self.name, "count": len(batch), "revision": rev,
                                     "paths": [p for p, _, _ in batch[:20]]})
@@ -907,6 +926,8 @@ class VolumeSync:
             now = time.time()
             for i in done:
                 metrics.ops_applied.labels(i.m.kind).inc()
+                if i.m.kind == "deleted":
+                    self.tombstones_seen += 1
                 if i.m.inline:
                     metrics.bytes_inline.inc(len(i.m.inline))
                 if i.m.ts > 0:

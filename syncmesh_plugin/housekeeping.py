@@ -43,6 +43,8 @@ class Housekeeper:
         self._my_create = 0
         self.last_run: dict[str, Any] = {}
         self.alarms: list[str] = []
+        self._rounds = 0
+        self._seen: dict[str, int] = {}
 
     def _key(self, node: str) -> bytes:
         assert self.d.store is not None
@@ -91,7 +93,14 @@ class Housekeeper:
         assert store is not None
         retention = float(self.cfg.tombstone_retention)
         now = time.time()
+        self._rounds += 1
         for name in list(self.d.state.volumes()):
+            # Reading every manifest is costly on big volumes: only when deletions happened since the
+            # last collection (seen by this node's replica), or every tenth round for volumes not held here.
+            vs = self.d.engine.volumes.get(name) if self.d.engine else None
+            seen = vs.tombstones_seen if vs is not None else -1
+            if (vs is not None and seen == self._seen.get(name)) or (vs is None and self._rounds % 10):
+                continue
             _, applied = await store.get_all(store.key("applied", name) + b"/")
             revs = []
             for kv in applied:
@@ -101,17 +110,24 @@ class Housekeeper:
                 continue  # nobody holds it live: nothing can be proven applied
             horizon = min(revs)
             doomed: list[tuple[bytes, int]] = []
+            waiting = 0  # tombstones not yet old enough, or not yet applied by every live holder
             _, pages = await store.get_range(store.files_prefix(name), page=1000)
             async for page in pages:
                 for kv in page:
-                    if kv.mod_revision > horizon or b'"k":"deleted"' not in kv.value:
+                    if b'"k":"deleted"' not in kv.value:
                         continue
                     try:
                         mf = decode(kv.value)
                     except ManifestError:
                         continue
-                    if mf.kind == "deleted" and now - mf.ts >= retention:
+                    if mf.kind != "deleted":
+                        continue
+                    if kv.mod_revision <= horizon and now - mf.ts >= retention:
                         doomed.append((kv.key, kv.mod_revision))
+                    else:
+                        waiting += 1
+            if not waiting:
+                self._seen[name] = seen  # nothing left to wait for: skip until new deletions
             if not doomed:
                 continue
             gc_key = store.key("gc", name)

@@ -348,7 +348,7 @@ class EtcdStore:
 
         resp = await self._call("range", lambda: self.client.kv.get(
             prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
-            keys_only=True, timeout=self.timeout))
+            keys_only=True, timeout=self.timeout * 12))  # etcd sorts the whole prefix: slow at 1M keys
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
     async def delete_if_unchanged(self, items: Sequence[tuple[bytes, int]], *,
