@@ -44,6 +44,20 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _save(directory: str, key_name: str, cert_name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate,
+          force: bool) -> Issued:
+    """Write a key (0600) and its certificate (0644), refusing to overwrite either unless forced."""
+    key_path = os.path.abspath(os.path.join(directory, key_name))
+    cert_path = os.path.abspath(os.path.join(directory, cert_name))
+    if not force:
+        for p in (key_path, cert_path):
+            if os.path.lexists(p):
+                raise CertError(f"{p} already exists (use --force to overwrite it)")
+    _write(key_path, _key_pem(key), 0o600, force)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
+    return Issued(cert_path, key_path)
+
+
 def _write(path: str, data: bytes, mode: int, force: bool) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     if not force:
@@ -84,15 +98,7 @@ def init_ca(directory: str, *, name: str = "syncmesh CA", days: int = CA_DAYS, f
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_path = os.path.abspath(os.path.join(directory, CA_KEY))
-    cert_path = os.path.abspath(os.path.join(directory, CA_CERT))
-    if not force:
-        for p in (key_path, cert_path):
-            if os.path.lexists(p):
-                raise CertError(f"{p} already exists (use --force to overwrite it)")
-    _write(key_path, _key_pem(key), 0o600, force)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
-    return Issued(cert_path, key_path)
+    return _save(directory, CA_KEY, CA_CERT, key, cert, force)
 
 
 def _load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -161,12 +167,4 @@ def issue(directory: str, node: str, hosts: Sequence[str] = (), *, days: int = N
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    key_path = os.path.abspath(os.path.join(directory, f"{node}-key.pem"))
-    cert_path = os.path.abspath(os.path.join(directory, f"{node}.pem"))
-    if not force:
-        for p in (key_path, cert_path):
-            if os.path.lexists(p):
-                raise CertError(f"{p} already exists (use --force to overwrite it)")
-    _write(key_path, _key_pem(key), 0o600, force)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
-    return Issued(cert_path, key_path)
+    return _save(directory, f"{node}-key.pem", f"{node}.pem", key, cert, force)
