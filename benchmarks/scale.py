@@ -76,17 +76,8 @@ class ScaleEtcd(Etcd):
         super().__init__(tmp)
         self.quota = quota
 
-    def start(self) -> None:
-        binary = shutil.which("etcd")
-        assert binary, "etcd binary not found (make deps)"
-        c, p = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        logf = open(self.dir / "etcd.log", "ab")
-        self.proc = subprocess.Popen(
-            [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
-             "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-             "--initial-cluster", f"t={p}", "--quota-backend-bytes", str(self.quota)],
-            stdout=logf, stderr=logf, start_new_session=True)
-        wait_for(self._up, 20, what="etcd to listen")
+    def extra_args(self) -> list[str]:
+        return ["--quota-backend-bytes", str(self.quota)]
 
     def api(self, path: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
         import http.client

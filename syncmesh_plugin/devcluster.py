@@ -58,15 +58,24 @@ class Etcd:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
+    def client_urls(self) -> str:
+        """Where etcd serves clients (subclasses: TLS, a bridge address as well)."""
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def extra_args(self) -> list[str]:
+        """More etcd flags (subclasses: certificates, a quota)."""
+        return []
+
     def start(self) -> None:
         binary = shutil.which("etcd")
         assert binary, "etcd binary not found (apt-get install etcd-server)"
-        c, p = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.dir / "etcd.log", "ab")
-        self.proc = subprocess.Popen(
-            [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
-             "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-             "--initial-cluster", f"t={p}"], stdout=log, stderr=log, start_new_session=True)
+        c, p = self.client_urls(), f"http://127.0.0.1:{self.peer_port}"
+        with open(self.dir / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
+                 "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
+                 "--initial-cluster", f"t={p}", *self.extra_args()],
+                stdout=log, stderr=log, start_new_session=True)
         wait_for(self._up, 20, what="etcd to listen")
 
     def _up(self) -> bool:
@@ -147,11 +156,14 @@ class Node:
         self.env = {k: v for k, v in self.env.items() if not (k == "SYNCMESH_ETCD_ENDPOINTS" and not v)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.base / "daemon.log"
+        self.api_host = "127.0.0.1"  # where tests reach its HTTP API
+        self.http_timeout = 30.0
+        self.command_prefix: list[str] = []  # e.g. nsenter into a network namespace
 
     def start(self, wait: bool = True) -> Node:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(BIN), "serve"], env=self.env, stdout=log, stderr=log,
-                                     start_new_session=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*self.command_prefix, str(BIN), "serve"], env=self.env, stdout=log,
+                                         stderr=log, start_new_session=True)
         if wait:
             self.wait_healthy()
         return self
@@ -200,12 +212,19 @@ class Node:
         assert code == 200 and not data.get("Err"), f"{self.name} {method} {body}: {code} {data}"
         return data
 
-    def http(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request(method, path, body)
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
+    def connection(self) -> http.client.HTTPConnection:
+        """A connection to the node's API (subclasses: HTTPS with a client certificate)."""
+        return http.client.HTTPConnection(self.api_host, self.port, timeout=self.http_timeout)
+
+    def http(self, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = self.connection()
+        try:
+            conn.request(method, path, body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
         try:
             return resp.status, json.loads(data)
         except ValueError:

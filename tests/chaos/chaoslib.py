@@ -286,37 +286,8 @@ class NsNode(Node):
         self.netns = netns
         self.ip = ip
         self.env.update({"SYNCMESH_SERVER_HOST": ip, "SYNCMESH_SERVER_ADVERTISE": f"{ip}:{self.port}"})
-
-    def start(self, wait: bool = True) -> Node:
-        log_fh = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.netns}", str(self._bin()), "serve"],
-                                     env=self.env, stdout=log_fh, stderr=log_fh, start_new_session=True)
-        log_fh.close()
-        if wait:
-            self.wait_healthy()
-        return self
-
-    @staticmethod
-    def _bin() -> Path:
-        from syncmesh_plugin.devcluster import BIN
-
-        return BIN
-
-    def http(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-        import http.client
-        import json
-
-        conn = http.client.HTTPConnection(self.ip, self.port, timeout=10)
-        try:
-            conn.request(method, path, body)
-            resp = conn.getresponse()
-            data = resp.read()
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(data)
-        except ValueError:
-            return resp.status, data
+        self.command_prefix = ["nsenter", f"--net=/run/netns/{netns}"]
+        self.api_host, self.http_timeout = ip, 10.0
 
 
 class BridgeEtcd(Etcd):
@@ -330,19 +301,8 @@ class BridgeEtcd(Etcd):
     def endpoint(self) -> str:
         return f"http://{self.bridge_ip}:{self.client_port}"
 
-    def start(self) -> None:
-        import shutil
-
-        c = f"http://127.0.0.1:{self.client_port},http://{self.bridge_ip}:{self.client_port}"
-        p = f"http://127.0.0.1:{self.peer_port}"
-        log_fh = open(self.dir / "etcd.log", "ab")
-        self.proc = subprocess.Popen(
-            [shutil.which("etcd") or "etcd", "--name", "t", "--data-dir", str(self.dir / "data"),
-             "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
-             "--initial-advertise-peer-urls", p, "--initial-cluster", f"t={p}"],
-            stdout=log_fh, stderr=log_fh, start_new_session=True)
-        log_fh.close()
-        wait_for(self._up, 20, what="etcd to listen")
+    def client_urls(self) -> str:
+        return f"http://127.0.0.1:{self.client_port},http://{self.bridge_ip}:{self.client_port}"
 
 
 class ChaosNetwork(Network):

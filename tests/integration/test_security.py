@@ -43,21 +43,15 @@ class SecNode(Node):
         super().__init__(*args, **env)
         self.ctx, self.token = ctx, token
 
-    def http(self, method: str, path: str, body: bytes | None = None, token: str | None = None) -> tuple[int, Any]:
-        conn: http.client.HTTPConnection
-        if self.ctx is not None:
-            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=self.ctx)
-        else:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+    def connection(self) -> http.client.HTTPConnection:
+        if self.ctx is None:
+            return super().connection()
+        return http.client.HTTPSConnection(self.api_host, self.port, timeout=self.http_timeout, context=self.ctx)
+
+    def http(self, method: str, path: str, body: bytes | None = None,  # type: ignore[override]
+             token: str | None = None) -> tuple[int, Any]:
         tok = self.token if token is None else token
-        conn.request(method, path, body, headers={"Authorization": f"Bearer {tok}"} if tok else {})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        try:
-            return resp.status, json.loads(data)
-        except ValueError:
-            return resp.status, data
+        return super().http(method, path, body, {"Authorization": f"Bearer {tok}"} if tok else None)
 
 
 @pytest.fixture
@@ -190,18 +184,12 @@ class TLSEtcd(Etcd):
     def endpoint(self) -> str:
         return f"https://127.0.0.1:{self.client_port}"
 
-    def start(self) -> None:
-        binary = shutil.which("etcd")
-        assert binary
-        c, p = self.endpoint, f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.dir / "etcd.log", "ab")
-        self.proc = subprocess.Popen(
-            [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
-             "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-             "--initial-cluster", f"t={p}", "--cert-file", str(self.pki / "etcd.pem"),
-             "--key-file", str(self.pki / "etcd-key.pem"), "--trusted-ca-file", str(self.pki / "ca.pem"),
-             "--client-cert-auth"], stdout=log, stderr=log, start_new_session=True)
-        wait_for(self._up, 20, what="etcd to listen")
+    def client_urls(self) -> str:
+        return self.endpoint
+
+    def extra_args(self) -> list[str]:
+        return ["--cert-file", str(self.pki / "etcd.pem"), "--key-file", str(self.pki / "etcd-key.pem"),
+                "--trusted-ca-file", str(self.pki / "ca.pem"), "--client-cert-auth"]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
