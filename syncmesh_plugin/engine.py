@@ -48,6 +48,7 @@ APPLY_PAGE = 512
 FLUSH_MAX = 4096  # paths hashed and published per round
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
+REFRESH_MAX = 256  # deferred items re-read from etcd before a retry (see VolumeSync._refreshed)
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
 DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
 
@@ -227,6 +228,7 @@ class VolumeSync:
         self._overflows_seen = 0
         self.partial: dict[str, tuple[_PartialFile, int, int]] = {}  # chunks of big files being applied
         self._recent_deletes: deque[tuple[float, int]] = deque()
+        self._side_tasks: set[asyncio.Task[None]] = set()  # conflict copies being saved
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -261,6 +263,8 @@ class VolumeSync:
         self._stopping = True
         if self.watcher is not None:
             self.watcher.stop()
+        if self._side_tasks:  # conflict copies being saved: let them finish
+            await asyncio.wait(set(self._side_tasks), timeout=6)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -502,6 +506,7 @@ class VolumeSync:
             async with self.lock:
                 items, self.deferred = list(self.deferred.values()), {}
                 try:
+                    items = await self._refreshed(items)
                     await self._apply(items)
                 except EtcdUnavailable:
                     for it in items:
@@ -509,6 +514,19 @@ class VolumeSync:
             delay = min(delay * 2, 15.0) if self.deferred else 1.0
             if len(self.deferred) < DEFER_MAX // 2:
                 self._drained.set()
+
+    async def _refreshed(self, items: list[_Pending]) -> list[_Pending]:
+        """Deferred items replaced by the version etcd holds now, when it is newer: a node must never keep
+        chasing chunks of a version that every peer has since overwritten. (Bounded: large backlogs are
+        mostly new files, refreshed by the watch itself.)"""
+        if len(items) > REFRESH_MAX:
+            return items
+        out = []
+        for it in items:
+            kv = await self.store.get(self.store.file_key(self.name, it.rel))
+            fresh = self._parse(kv.key, kv.value, kv.mod_revision) if kv is not None else None
+            out.append(fresh if fresh is not None and fresh.rev > it.rev else it)
+        return out
 
     # ---- publishing
     async def _publisher(self) -> None:
@@ -1128,9 +1146,25 @@ class VolumeSync:
         if threading.get_ident() != self._loop_thread:
             self._on_loop(self._defer, it, exc)
             return
-        if it.rel not in self.deferred:
+        cur = self.deferred.get(it.rel)
+        if cur is not None and cur.rev > it.rev:
+            return  # a newer version of the path already waits; the older one must not replace it
+        if self._superseded(it):
+            return
+        if cur is None:
             log.warning("volume %s: %s deferred: %s", self.name, it.rel, exc)
         self.deferred[it.rel] = it
+
+    def _superseded(self, it: _Pending) -> bool:
+        """Whether a newer version of the path was applied while this one waited (fetches run without
+        the volume lock, and deferred items are retried later): the older one must then be dropped,
+        neither written over the newer one nor taken for a local edit."""
+        cur = self.state.file(self.name, it.rel)
+        if cur is None or cur.rev < it.rev:
+            return False
+        # The same revision counts only if it was recorded after this item was read (an operator's
+        # re-fetch of the current version comes without a record and must go through).
+        return cur.rev > it.rev or (it.rec is not None and cur.rev != it.rec.rev)
 
     async def _apply_wave(self, wave: list[_Pending]) -> None:
         origins = [it.m.origin for it in wave if it.m.inline is None and it.m.kind == "file"]
@@ -1161,31 +1195,61 @@ class VolumeSync:
         await self._commit(staged)
 
     async def _commit(self, staged: list[tuple[_Pending, int, str]]) -> None:
-        """Rename staged files into place unless the target changed locally meanwhile."""
-        # Re-check for local edits that raced with the fetch; those go through the conflict path.
-        checks = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it, _, _ in staged])
-        ready: list[tuple[_Pending, int, str]] = []
-        for (it, dfd, tmp), fs in zip(staged, checks, strict=True):
-            if fs != it.fs:
+        """Move staged files into place unless the target changed locally meanwhile (the fetch ran
+        without the lock): those go through the conflict path. The check happens in `localfs.commit`,
+        right before each rename, so a write racing with the swap is not lost (see there)."""
+        ready = []
+        for it, dfd, tmp in staged:
+            if self._superseded(it):
                 await asyncio.to_thread(localfs.discard, dfd, tmp)
-                it.fs = fs
-                await self._local_vs_remote(it)
-                continue
-            ready.append((it, dfd, tmp))
+            else:
+                ready.append((it, dfd, tmp))
+        raced: list[tuple[_Pending, FileStat | None]] = []
+        displaced: list[tuple[_Pending, int]] = []
 
         def rename_all() -> list[FileRecord]:
             recs = []
             for it, dfd, tmp in ready:
                 try:
-                    fs = localfs.commit(dfd, tmp, it.rel)
+                    fs, old_fd = localfs.commit(dfd, tmp, it.rel, it.fs)
+                except localfs.TargetChanged as exc:
+                    raced.append((it, exc.now))
+                    continue
                 except OSError as exc:
                     self._reject(it, exc)
                     continue
+                if old_fd >= 0:
+                    displaced.append((it, old_fd))
                 it.rec = _record(self.name, it.rel, it.m, fs, it.rev)
                 recs.append(it.rec)
             return recs
 
         self.state.put_files(await asyncio.to_thread(rename_all))
+        for it, old_fd in displaced:
+            self._keep_displaced(it, old_fd)
+        for it, now in raced:
+            it.fs = now
+            await self._local_vs_remote(it)
+
+    def _keep_displaced(self, it: _Pending, fd: int) -> None:
+        """A local write landed in the file while the remote version replaced it: keep that content
+        as a conflict copy (the remote version keeps the name; nothing the container wrote is lost)."""
+        copy = conflict_name(it.rel, datetime.now(UTC), self.ctx.node_id)
+
+        async def save() -> None:
+            try:
+                await asyncio.to_thread(localfs.save_displaced, self.root, copy, fd)
+            except (OSError, PathError) as exc:
+                log.error("volume %s: could not keep the local write to %s that raced with a remote version: %s",
+                          self.name, it.rel, exc)
+                return
+            self.dirty.add(copy)
+            self.kick.set()
+            self._record_conflict(it.rel, copy, it.m.origin, self.ctx.node_id)
+
+        task = asyncio.get_running_loop().create_task(save(), name=f"keep-{self.name}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _apply_large(self, it: _Pending) -> None:
         """Stream a big file in waves of chunks, written at their offsets in a temp file.

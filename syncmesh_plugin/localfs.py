@@ -8,12 +8,14 @@ manifest can make us write outside the volume or through a planted symlink.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import secrets
 import stat as st_mod
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -188,19 +190,128 @@ def stage(root: str, rel: str, m: Manifest, get_chunk: ChunkGetter) -> tuple[int
         raise
 
 
-def commit(dfd: int, tmp: str, rel: str) -> FileStat:
-    """Rename the staged temp file over the target and return the new file's stat (for the index)."""
-    name = rel.rsplit("/", 1)[-1]
+class TargetChanged(Exception):
+    """The target was changed locally since the caller looked at it: the staged version must not
+    replace it (the caller settles the two versions as a conflict instead)."""
+
+    def __init__(self, now: FileStat | None) -> None:
+        super().__init__("target changed locally")
+        self.now = now
+
+
+RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(dfd: int, src: str, dst: str) -> None:
+    """rename(2) that fails with EEXIST instead of replacing (renameat2; link+unlink where missing)."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is not None:
+        if fn(dfd, src.encode(), dfd, dst.encode(), RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(e, os.strerror(e), dst)
+    os.link(src, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    os.unlink(src, dir_fd=dfd)
+
+
+def _stat_at(dfd: int, name: str) -> FileStat | None:
     try:
+        return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+    except FileNotFoundError:
+        return None
+
+
+def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None) -> tuple[FileStat, int]:
+    """Move the staged temp file onto the target, unless the target is no longer what the caller saw
+    (`expect`, None for absent): then raise TargetChanged.
+
+    The check and the move are microseconds apart, and neither side of that gap loses a local write:
+    a new target is created with a no-replace rename, and the file being replaced is held open, so a
+    write that lands in it during the swap is noticed (its size or mtime moved). Returns the new
+    file's stat and, in that case, an fd of the replaced file for `save_displaced` (else -1).
+    Closes `dfd`; on TargetChanged the temp file is removed."""
+    name = rel.rsplit("/", 1)[-1]
+    old_fd = -1
+    try:
+        if expect is None:
+            try:
+                _rename_noreplace(dfd, tmp, name)
+            except FileExistsError:
+                raise TargetChanged(_stat_at(dfd, name)) from None
+            return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False)), -1
+        if expect.kind == "file":
+            try:
+                old_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+                before: FileStat | None = FileStat.of(os.fstat(old_fd))
+            except OSError:
+                before = _stat_at(dfd, name)
+        else:
+            before = _stat_at(dfd, name)
+        if before != expect:
+            raise TargetChanged(before)
         try:
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except IsADirectoryError:
             # A directory stands where a file now goes (remote kind change): move it aside first.
             _remove_tree_at(dfd, name)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+        new = FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+        if old_fd >= 0 and before is not None:
+            after = os.fstat(old_fd)
+            if after.st_size != before.size or after.st_mtime_ns != before.mtime_ns:
+                fd, old_fd = old_fd, -1
+                return new, fd  # written to while being replaced: the caller keeps that content
+        return new, -1
+    except TargetChanged:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
     finally:
+        if old_fd >= 0:
+            os.close(old_fd)
         os.close(dfd)
+
+
+def save_displaced(root: str, rel: str, fd: int, settle: float = 0.2, limit: float = 5.0) -> FileStat:
+    """Keep the content of a file that was written to while a remote version replaced it, as `rel`
+    (a conflict copy name). Waits until the writer seems done (size and mtime still for `settle`
+    seconds, at most `limit`), copies it beside, and closes `fd`."""
+    try:
+        deadline = time.monotonic() + limit
+        last = os.fstat(fd)
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            now = os.fstat(fd)
+            if (now.st_size, now.st_mtime_ns) == (last.st_size, last.st_mtime_ns):
+                break
+            last = now
+        dfd = open_parent_dir(root, rel, create=True)
+        tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          st_mod.S_IMODE(last.st_mode), dir_fd=dfd)
+            try:
+                off = 0
+                while data := os.pread(fd, 1 << 20, off):
+                    off += len(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(out, view):]
+                os.utime(out, ns=(last.st_atime_ns, last.st_mtime_ns))
+                os.fsync(out)
+            finally:
+                os.close(out)
+            _rename_noreplace(dfd, tmp, rel.rsplit("/", 1)[-1])
+            return FileStat.of(os.stat(rel.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(fd)
 
 
 def discard(dfd: int, tmp: str) -> None:

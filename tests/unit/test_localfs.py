@@ -1,0 +1,76 @@
+"""The swap of a fetched version into place never loses a local write made during it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from syncmesh_plugin import localfs
+from syncmesh_plugin.manifest import Manifest
+from syncmesh_plugin.pathsafe import TMP_PREFIX
+
+
+def _stage(root: Path, rel: str, data: bytes) -> tuple[int, str]:
+    return localfs.stage(str(root), rel, Manifest(kind="file", mode=0o644, mtime_ns=1_000_000_000, inline=data),
+                         lambda cid, ln: b"")
+
+
+def _temps(root: Path) -> list[str]:
+    return [p.name for p in root.rglob(f"{TMP_PREFIX}*")]
+
+
+def test_commit_replaces_an_unchanged_target(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old")
+    expect = localfs.lstat(str(tmp_path), "f")
+    dfd, tmp = _stage(tmp_path, "f", b"remote")
+    fs, displaced = localfs.commit(dfd, tmp, "f", expect)
+    assert (tmp_path / "f").read_bytes() == b"remote"
+    assert displaced == -1 and fs.size == 6 and not _temps(tmp_path)
+
+
+def test_commit_refuses_a_target_changed_since_it_was_looked_at(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old")
+    expect = localfs.lstat(str(tmp_path), "f")
+    (tmp_path / "f").write_bytes(b"local edit, longer")
+    dfd, tmp = _stage(tmp_path, "f", b"remote")
+    with pytest.raises(localfs.TargetChanged) as caught:
+        localfs.commit(dfd, tmp, "f", expect)
+    assert caught.value.now is not None and caught.value.now.size == 18
+    assert (tmp_path / "f").read_bytes() == b"local edit, longer"
+    assert not _temps(tmp_path)
+
+
+def test_commit_never_replaces_a_file_created_meanwhile(tmp_path: Path) -> None:
+    dfd, tmp = _stage(tmp_path, "new", b"remote")
+    (tmp_path / "new").write_bytes(b"created here")  # expected absent, but a container just wrote it
+    with pytest.raises(localfs.TargetChanged):
+        localfs.commit(dfd, tmp, "new", None)
+    assert (tmp_path / "new").read_bytes() == b"created here" and not _temps(tmp_path)
+
+
+def test_a_write_landing_during_the_swap_is_handed_back_and_kept(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "d" / "f"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    expect = localfs.lstat(str(tmp_path), "d/f")
+    dfd, tmp = _stage(tmp_path, "d/f", b"remote")
+    real_rename = os.rename
+
+    def racing_rename(*a, **kw):  # a container writes in place between the check and the rename
+        with open(target, "wb") as fh:
+            fh.write(b"written by the container during the swap")
+        return real_rename(*a, **kw)
+
+    monkeypatch.setattr(localfs.os, "rename", racing_rename)
+    _fs, displaced = localfs.commit(dfd, tmp, "d/f", expect)
+    monkeypatch.setattr(localfs.os, "rename", real_rename)
+    assert displaced >= 0
+    assert target.read_bytes() == b"remote"
+    kept = localfs.save_displaced(str(tmp_path), "d/f.sync-conflict-x", displaced, settle=0.01)
+    assert (tmp_path / "d/f.sync-conflict-x").read_bytes() == b"written by the container during the swap"
+    assert kept.size == 40 and not _temps(tmp_path)
+    with pytest.raises(OSError):
+        os.fstat(displaced)  # closed
