@@ -48,6 +48,7 @@ APPLY_PAGE = 512
 FLUSH_MAX = 4096  # paths hashed and published per round
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
+DIRTY_MAX = 65536  # changed paths remembered before a rescan takes over (see _on_changes)
 REFRESH_MAX = 256  # deferred items re-read from etcd before a retry (see VolumeSync._refreshed)
 DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
 DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
@@ -342,6 +343,11 @@ class VolumeSync:
 
     def _on_changes(self, ch: Changes) -> None:
         self.dirty.update(p for p in ch.paths if not self._ignored_path(p))
+        if len(self.dirty) > DIRTY_MAX:
+            # A huge burst (a million files copied in): stop remembering paths, the per-directory
+            # rescan finds them from the disk and the index in bounded batches. Memory stays flat.
+            self.dirty.clear()
+            self.rescan_needed.set()
         if ch.rescan:
             overflows = self.watcher.overflows if self.watcher else 0
             if overflows > self._overflows_seen:
@@ -413,6 +419,8 @@ class VolumeSync:
                     p = self._parse(ev.key, ev.value, ev.mod_revision)
                     if p is not None:
                         items.append(p)
+                if items:
+                    items = self._not_applied(items)
                 if items:
                     async with self.lock:
                         await self._apply(items)
@@ -582,7 +590,10 @@ class VolumeSync:
         room = threading.Semaphore(4)  # back-pressure: at most 4 batches of changes waiting
         stop = threading.Event()
 
+        dirs_seen = 0
+
         def scan() -> None:
+            nonlocal dirs_seen
             db = self.state.reader()
             changed: set[str] = set()
 
@@ -599,6 +610,7 @@ class VolumeSync:
                 stack = [""]
                 while stack and not stop.is_set():
                     d = stack.pop()
+                    dirs_seen += 1
                     known = LocalState.children_stats(db, self.name, d)
                     for rel, fs in localfs.list_dir(self.root, d, self._ignored_path, self._started_ns):
                         t = known.pop(rel, None)
@@ -630,6 +642,8 @@ class VolumeSync:
         finally:
             stop.set()
             await worker
+        if self.watcher is not None:
+            self.watcher.note_directories(dirs_seen)
         metrics.rescan_seconds.observe(time.monotonic() - t0)
 
     async def _flush(self) -> None:
@@ -894,9 +908,10 @@ class VolumeSync:
                                    "winner": winner, "loser": loser})
 
     # ---- applying remote changes
-    async def _apply(self, items: list[_Pending], resolving: bool = False) -> None:
-        """Bring the local replica to the given manifests (called with the lock held)."""
-        # The latest revision of each path wins within a batch.
+    def _not_applied(self, items: list[_Pending], resolving: bool = False) -> list[_Pending]:
+        """The latest version of each path, minus those the index already has (our own publishes
+        coming back through the watch, or applied before). Cheap and lock-free, so the watch is read
+        at etcd's pace even while a big publish holds the lock."""
         latest: dict[str, _Pending] = {}
         for it in items:
             cur = latest.get(it.rel)
@@ -912,6 +927,11 @@ class VolumeSync:
             if it.rec is not None and it.rec.rev >= it.rev and not resolving:
                 continue  # our own publish, or already applied
             todo.append(it)
+        return todo
+
+    async def _apply(self, items: list[_Pending], resolving: bool = False) -> None:
+        """Bring the local replica to the given manifests (called with the lock held)."""
+        todo = self._not_applied(items, resolving)
         if not todo:
             return
         stats = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it in todo])

@@ -48,19 +48,24 @@ _MAX_LATENCY = 0.05  # flush at least this often under a continuous event stream
 _OPEN_WRITE_MAX_AGE = 30.0  # report a file held open and written continuously at least this often
 _STALE_CHECK_MIN_INTERVAL = 0.05
 _MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+_NS_MAX_WATCHES = "/proc/sys/user/max_inotify_watches"
 
 
 class WatchLimitError(RuntimeError):
     """The per-user inotify watch limit is too small for this volume; the caller must poll instead."""
 
-    def __init__(self, root: str, needed: int, max_user_watches: int) -> None:
+    def __init__(self, root: str, needed: int, max_user_watches: int, knob: str = "fs.inotify.max_user_watches",
+                 held: int = -1) -> None:
         self.root = root
         self.needed = needed
         self.max_user_watches = max_user_watches
-        suggest = 1 << max(needed + max(max_user_watches, 0), 8192).bit_length()
+        self.knob = knob
+        self.held = held
+        suggest = 1 << max(needed + max(held, 0), 8192).bit_length()
+        got = f"{held} held, " if held >= 0 else ""
         super().__init__(
-            f"inotify watch limit reached: {root} needs ~{needed} watches, "
-            f"max_user_watches={max_user_watches}; raise with sysctl fs.inotify.max_user_watches={suggest}"
+            f"inotify watch limit reached: {root} needs {needed} watches ({got}limit {knob}={max_user_watches}); "
+            f"raise it with sysctl {knob}={suggest}"
         )
 
 
@@ -79,12 +84,20 @@ class Changes:
     rescan: bool = False
 
 
-def _read_max_user_watches() -> int:
+def _read_int(path: str) -> int:
     try:
-        with open(_MAX_USER_WATCHES) as f:
+        with open(path) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return -1
+
+
+def _read_max_user_watches() -> tuple[int, str]:
+    """The limit that applies to us and the sysctl that sets it: the global fs.inotify one, or the
+    per-user-namespace one (lower inside a container or a user namespace)."""
+    limits = [(v, k) for v, k in ((_read_int(_MAX_USER_WATCHES), "fs.inotify.max_user_watches"),
+                                  (_read_int(_NS_MAX_WATCHES), "user.max_inotify_watches")) if v >= 0]
+    return min(limits) if limits else (-1, "fs.inotify.max_user_watches")
 
 
 def _join(parent: str, name: str) -> str:
@@ -524,11 +537,21 @@ class VolumeWatcher:
         self._rescan = True
         if self.watch_limit_error is not None:
             return
-        err = WatchLimitError(self.root, self._count_dirs(), _read_max_user_watches())
+        self._report_limit(self._count_dirs())
+        log.warning("%s; falling back to periodic rescans", self.watch_limit_error)
+
+    def _report_limit(self, needed: int) -> None:
+        limit, knob = _read_max_user_watches()
+        err = WatchLimitError(self.root, needed, limit, knob, len(self._wd_rel))
         self.watch_limit_error = err
         self.degraded = True
         self.degraded_reason = str(err)
-        log.warning("%s; falling back to periodic rescans", err)
+
+    def note_directories(self, count: int) -> None:
+        """A full rescan counted the volume's directories: keep the watch-limit report current (the
+        tree often keeps growing after the limit was first hit)."""
+        if self.watch_limit_error is not None and count != self.watch_limit_error.needed:
+            self._report_limit(count)
 
     def _count_dirs(self) -> int:
         count = 0

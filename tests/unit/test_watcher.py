@@ -266,10 +266,14 @@ async def test_watch_limit_at_start_degrades(
     monkeypatch.setattr(inotify_simple.INotify, "add_watch", _enospc_after(1))
     w, col = make()
     assert w.degraded
-    assert w.degraded_reason is not None and "needs ~4 watches" in w.degraded_reason
-    assert "max_user_watches=" in w.degraded_reason
-    assert "sysctl fs.inotify.max_user_watches=" in w.degraded_reason
+    assert w.degraded_reason is not None and "needs 4 watches (1 held, limit " in w.degraded_reason
+    assert "max_user_watches=" in w.degraded_reason or "max_inotify_watches=" in w.degraded_reason
+    assert "raise it with sysctl " in w.degraded_reason
     assert isinstance(w.watch_limit_error, WatchLimitError) and w.watch_limit_error.needed == 4
+    for d in ("d", "e", "f", "g"):  # the tree grows; a full rescan brings the report up to date
+        (vol / d).mkdir()
+    w.note_directories(8)
+    assert w.watch_limit_error.needed == 8 and "needs 8 watches" in (w.degraded_reason or "")
     await col.wait(lambda: col.rescans >= 1)
     (vol / "rootfile").write_text("x")  # the watches that did fit keep working
     await col.wait(lambda: "rootfile" in col.paths)
@@ -293,3 +297,21 @@ async def test_root_deleted_degrades(make: Callable[..., Made], tmp_path: Path) 
     (tmp_path / "vol").rmdir()
     await col.wait(lambda: col.rescans >= 1)
     assert w.degraded and w.watch_count == 0
+
+
+def test_the_lower_of_the_global_and_the_user_namespace_limit_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncmesh_plugin import watcher as watcher_mod
+
+    glob, ns = tmp_path / "global", tmp_path / "ns"
+    glob.write_text("8192\n")
+    ns.write_text("64\n")
+    monkeypatch.setattr(watcher_mod, "_MAX_USER_WATCHES", str(glob))
+    monkeypatch.setattr(watcher_mod, "_NS_MAX_WATCHES", str(ns))
+    assert watcher_mod._read_max_user_watches() == (64, "user.max_inotify_watches")
+    ns.write_text("100000\n")
+    assert watcher_mod._read_max_user_watches() == (8192, "fs.inotify.max_user_watches")
+    err = WatchLimitError("/v", 211, 64, "user.max_inotify_watches", 64)
+    assert "needs 211 watches (64 held, limit user.max_inotify_watches=64); raise it with sysctl " \
+           "user.max_inotify_watches=16384" in str(err)
