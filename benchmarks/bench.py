@@ -259,7 +259,7 @@ def w_mixed(s: System, cfg: argparse.Namespace) -> Result:
 
 
 def w_latency(s: System, cfg: argparse.Namespace) -> Result:
-    n = 50 if cfg.quick else 200
+    n = 50 if cfg.quick else getattr(s, "latency_probes", 200)
     src, dst = s.dirs[0], s.dirs[1]
     lat = []
     for i in range(n):
@@ -345,9 +345,14 @@ def w_restart(s: System, cfg: argparse.Namespace) -> Result:
     n = cfg.restart_files or (10_000 if cfg.quick else 100_000)
     d = s.dirs[0]
     t0 = time.monotonic()
+    setup_mode = getattr(s, "setup_mode", None)
+    if setup_mode is not None:
+        setup_mode(True)
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda i: write_file(d / f"w10/d{i % 1000}/f{i}", f"file {i}\n".encode()), range(n)))
     seed_s = wait_converged(s, t0, 1800, poll=0.5)
+    if setup_mode is not None:
+        setup_mode(False)
     ready_s = s.restart_node(1)
     # in sync: a change made now still arrives on the restarted node
     t1 = time.monotonic()
@@ -356,6 +361,7 @@ def w_restart(s: System, cfg: argparse.Namespace) -> Result:
     rss = getattr(s, "rss_after_restart", 0)
     return Result(s.name, f"10. restart holding {n} unchanged files", ready_s, f"ready in {ready_s:.1f} s",
                   extra={"seed_seconds": round(seed_s, 1), "seed_files_per_s": round(n / seed_s),
+                         "seeded_without_fsync": setup_mode is not None,
                          "rss_after_restart_mb": round(rss / 2**20, 1) if rss else None})
 
 
@@ -400,6 +406,7 @@ def main() -> None:
     cfg = ap.parse_args()
     only = set(filter(None, cfg.only.split(",")))
     results: list[Result] = []
+    started = time.monotonic()
     for name in cfg.systems.split(","):
         base = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
         try:
@@ -416,6 +423,7 @@ def main() -> None:
             for wid, fn, fresh in WORKLOADS:
                 if only and wid not in only:
                     continue
+                w0 = time.monotonic()
                 if fresh and not first:
                     s.reset()
                 first = False
@@ -426,6 +434,7 @@ def main() -> None:
                     r = Result(name, f"{wid}. {fn.__name__}", error=f"{type(exc).__name__}: {exc}")
                 r = sampler.finish(r)
                 r.extra.update(s.extra())
+                r.extra["wall_seconds_with_setup"] = round(time.monotonic() - w0, 1)
                 results.append(r)
                 print(f"   {r.workload}: {r.seconds:.2f}s {r.rate} {r.error}", flush=True)
         finally:
@@ -435,9 +444,12 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
     print()
     print(table(results))
+    total = time.monotonic() - started
+    print(f"\nwhole run: {total / 60:.1f} min")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "nodes": cfg.nodes, "quick": cfg.quick,
+                               "total_seconds": round(total, 1),
                                "results": [asdict(r) for r in results]}, indent=2))
     print(f"\nwritten {out}")
 
