@@ -877,7 +877,7 @@ class VolumeSync:
                     # The loser's content is kept under a conflict name, published in the same
                     # transaction and before the overwrite: a node that holds only the losing version
                     # sees both in one batch and builds the copy from its local file before replacing it.
-                    copy = conflict_name(rel, stamp, remote.origin or "unknown")
+                    copy = conflict_name(rel, stamp, remote.origin or "unknown", self._name_taken)
                     remote.ts = time.time()
                     ops.append((store.file_key(self.name, copy), remote.encode(), 0))
                 ops.append((key, local.encode(), kv.mod_revision))
@@ -891,8 +891,13 @@ class VolumeSync:
             # The remote version wins: move our content aside (no copy), then take theirs.
             moved = False
             if local.kind == "file" and (self.keep_copies or self.mode == "manual"):
-                copy = conflict_name(rel, stamp, self.ctx.node_id)
-                await asyncio.to_thread(localfs.rename_local, self.root, rel, copy)
+                while True:
+                    copy = conflict_name(rel, stamp, self.ctx.node_id, self._name_taken)
+                    try:
+                        await asyncio.to_thread(localfs.rename_local, self.root, rel, copy, False)
+                        break
+                    except FileExistsError:
+                        continue  # created since we looked: the next name
                 moved = True
                 self.dirty.add(copy)
                 self.kick.set()
@@ -908,6 +913,11 @@ class VolumeSync:
         log.warning("volume %s: conflict on %s not settled after 10 rounds (hot file); retrying", self.name, rel)
         self.dirty.add(rel)
         asyncio.get_running_loop().call_later(0.2, self.kick.set)
+
+    def _name_taken(self, rel: str) -> bool:
+        """A conflict copy name already used here (on disk or in the index): never reused."""
+        rec = self.state.file(self.name, rel)
+        return (rec is not None and rec.kind != "deleted") or os.path.lexists(os.path.join(self.root, rel))
 
     def _record_conflict(self, rel: str, copy: str, winner: str, loser: str) -> None:
         self.state.add_conflict(self.name, rel, copy, self.mode, winner, loser, time.time())
@@ -1263,18 +1273,23 @@ class VolumeSync:
     def _keep_displaced(self, it: _Pending, fd: int) -> None:
         """A local write landed in the file while the remote version replaced it: keep that content
         as a conflict copy (the remote version keeps the name; nothing the container wrote is lost)."""
-        copy = conflict_name(it.rel, datetime.now(UTC), self.ctx.node_id)
+        stamp = datetime.now(UTC)
+        copy = conflict_name(it.rel, stamp, self.ctx.node_id, self._name_taken)
+
+        def another() -> str:  # worker thread: the disk says what is free
+            return conflict_name(it.rel, stamp, self.ctx.node_id,
+                                 lambda n: os.path.lexists(os.path.join(self.root, n)))
 
         async def save() -> None:
             try:
-                await asyncio.to_thread(localfs.save_displaced, self.root, copy, fd)
+                kept, _ = await asyncio.to_thread(localfs.save_displaced, self.root, copy, fd, next_name=another)
             except (OSError, PathError) as exc:
                 log.error("volume %s: could not keep the local write to %s that raced with a remote version: %s",
                           self.name, it.rel, exc)
                 return
-            self.dirty.add(copy)
+            self.dirty.add(kept)
             self.kick.set()
-            self._record_conflict(it.rel, copy, it.m.origin, self.ctx.node_id)
+            self._record_conflict(it.rel, kept, it.m.origin, self.ctx.node_id)
 
         task = asyncio.get_running_loop().create_task(save(), name=f"keep-{self.name}")
         self._side_tasks.add(task)

@@ -202,16 +202,17 @@ class TargetChanged(Exception):
 RENAME_NOREPLACE = 1
 
 
-def _rename_noreplace(dfd: int, src: str, dst: str) -> None:
+def _rename_noreplace(dfd: int, src: str, dst: str, dst_dfd: int | None = None) -> None:
     """rename(2) that fails with EEXIST instead of replacing (renameat2; link+unlink where missing)."""
+    to = dfd if dst_dfd is None else dst_dfd
     fn = getattr(_libc, "renameat2", None)
     if fn is not None:
-        if fn(dfd, src.encode(), dfd, dst.encode(), RENAME_NOREPLACE) == 0:
+        if fn(dfd, src.encode(), to, dst.encode(), RENAME_NOREPLACE) == 0:
             return
         e = ctypes.get_errno()
         if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise OSError(e, os.strerror(e), dst)
-    os.link(src, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    os.link(src, dst, src_dir_fd=dfd, dst_dir_fd=to, follow_symlinks=False)
     os.unlink(src, dir_fd=dfd)
 
 
@@ -273,10 +274,12 @@ def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None) -> tuple[FileS
         os.close(dfd)
 
 
-def save_displaced(root: str, rel: str, fd: int, settle: float = 0.2, limit: float = 5.0) -> FileStat:
+def save_displaced(root: str, rel: str, fd: int, settle: float = 0.2, limit: float = 5.0,
+                   next_name: Callable[[], str] | None = None) -> tuple[str, FileStat]:
     """Keep the content of a file that was written to while a remote version replaced it, as `rel`
     (a conflict copy name). Waits until the writer seems done (size and mtime still for `settle`
-    seconds, at most `limit`), copies it beside, and closes `fd`."""
+    seconds, at most `limit`), copies it beside (under `rel`, or the next free name if `rel` appeared
+    meanwhile), closes `fd`, returns the name used and its stat."""
     try:
         deadline = time.monotonic() + limit
         last = os.fstat(fd)
@@ -302,8 +305,17 @@ def save_displaced(root: str, rel: str, fd: int, settle: float = 0.2, limit: flo
                 os.fsync(out)
             finally:
                 os.close(out)
-            _rename_noreplace(dfd, tmp, rel.rsplit("/", 1)[-1])
-            return FileStat.of(os.stat(rel.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
+            name = rel.rsplit("/", 1)[-1]
+            for _ in range(100):
+                try:
+                    _rename_noreplace(dfd, tmp, name)
+                    break
+                except FileExistsError:
+                    if next_name is None:
+                        raise
+                    name = next_name().rsplit("/", 1)[-1]  # same directory, a free name
+            head = rel.rpartition("/")[0]
+            return (f"{head}/{name}" if head else name), FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
@@ -412,13 +424,17 @@ def remove(root: str, rel: str) -> bool:
         os.close(dfd)
 
 
-def rename_local(root: str, src: str, dst: str) -> FileStat:
-    """Move a local file (a rename made on another node, or a conflict copy): no data is copied."""
+def rename_local(root: str, src: str, dst: str, replace: bool = True) -> FileStat:
+    """Move a local file (a rename made on another node, or a conflict copy): no data is copied.
+    With replace=False an existing `dst` is never replaced (FileExistsError)."""
     sfd = open_parent_dir(root, src, create=False)
     try:
         dfd = open_parent_dir(root, dst, create=True)
         try:
-            os.rename(src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+            if replace:
+                os.rename(src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+            else:
+                _rename_noreplace(sfd, src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], dfd)
             return FileStat.of(os.stat(dst.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
         finally:
             os.close(dfd)

@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 __all__ = [
@@ -155,12 +156,14 @@ def is_internal_name(name: str) -> bool:
     return any(comp.startswith(TMP_PREFIX) for comp in name.split("/"))
 
 
-def conflict_name(rel: str, when: datetime, node_id: str) -> str:
+def conflict_name(rel: str, when: datetime, node_id: str, taken: Callable[[str], bool] | None = None) -> str:
     """Name under which the losing side of a conflict is kept: ``dir/NAME.sync-conflict-TS-NODE.EXT``.
 
     ``a/b.tar.gz`` becomes ``a/b.tar.sync-conflict-20261127-110000-node1.gz``. Aware datetimes are
     converted to UTC so that every node derives the same name; naive ones are used as given. The
-    stem is shortened if needed so the new name still fits NAME_MAX.
+    stem is shortened if needed so the new name still fits NAME_MAX. A hot file can lose twice within
+    one second: when `taken(name)` says a name is in use, ``-2``, ``-3``... follow the node id, so a
+    second copy never replaces the first.
     """
     validate_relpath(rel)
     if not node_id or "/" in node_id or "\x00" in node_id:
@@ -169,13 +172,18 @@ def conflict_name(rel: str, when: datetime, node_id: str) -> str:
         when = when.astimezone(UTC)
     head, _, base = rel.rpartition("/")
     stem, ext = posixpath.splitext(base)  # last suffix only; '.bashrc' has none
-    tag = f"{CONFLICT_MARKER}{when:%Y%m%d-%H%M%S}-{node_id}"
-    if len(_encode(tag + ext)) >= NAME_MAX:
-        raise PathError(f"node id {node_id!r} is too long for a conflict file name")
-    while stem and len(_encode(stem + tag + ext)) > NAME_MAX:
-        stem = stem[:-1]
-    new_base = stem + tag + ext
-    return validate_relpath(f"{head}/{new_base}" if head else new_base)
+    for n in range(1, 10_000):
+        tag = f"{CONFLICT_MARKER}{when:%Y%m%d-%H%M%S}-{node_id}" + (f"-{n}" if n > 1 else "")
+        if len(_encode(tag + ext)) >= NAME_MAX:
+            raise PathError(f"node id {node_id!r} is too long for a conflict file name")
+        short = stem
+        while short and len(_encode(short + tag + ext)) > NAME_MAX:
+            short = short[:-1]
+        new_base = short + tag + ext
+        name = validate_relpath(f"{head}/{new_base}" if head else new_base)
+        if taken is None or not taken(name):
+            return name
+    raise PathError(f"no free conflict copy name for {rel!r}")
 
 
 def is_conflict_name(name: str) -> bool:

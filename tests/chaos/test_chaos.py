@@ -47,6 +47,16 @@ def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., S
     for s in made:
         failed = not getattr(s, "verdict", None) or s.verdict.problems()
         if failed:
+            keep = os.environ.get("CHAOS_LOG_DIR")  # whole daemon logs and the write ledger of failed runs
+            if keep:
+                out = Path(keep) / f"{s.name}-seed{s.seed}"
+                out.mkdir(parents=True, exist_ok=True)
+                for nd in s.nodes:
+                    (out / f"{nd.name}.log").write_text(nd.log())
+                (out / "ledger.txt").write_text("\n".join(
+                    f"{w.t:.3f} {w.writer}#{w.seq} {w.path} {w.digest[:8]} base={(w.base or '-')[:8]} "
+                    f"{'ok' if w.completed else 'failed'}" for w in s.ledger.writes))
+                print(f"---- logs kept in {out}")
             for nd in s.nodes:
                 print(f"---- {nd.name} log (tail) ----\n{nd.log()[-4000:]}")
         s.close()

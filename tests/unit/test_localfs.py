@@ -69,8 +69,22 @@ def test_a_write_landing_during_the_swap_is_handed_back_and_kept(tmp_path: Path,
     monkeypatch.setattr(localfs.os, "rename", real_rename)
     assert displaced >= 0
     assert target.read_bytes() == b"remote"
-    kept = localfs.save_displaced(str(tmp_path), "d/f.sync-conflict-x", displaced, settle=0.01)
-    assert (tmp_path / "d/f.sync-conflict-x").read_bytes() == b"written by the container during the swap"
+    (tmp_path / "d/f.sync-conflict-x").write_bytes(b"an earlier copy")  # the name got taken meanwhile
+    name, kept = localfs.save_displaced(str(tmp_path), "d/f.sync-conflict-x", displaced, settle=0.01,
+                                        next_name=lambda: "d/f.sync-conflict-x-2")
+    assert name == "d/f.sync-conflict-x-2"
+    assert (tmp_path / "d/f.sync-conflict-x-2").read_bytes() == b"written by the container during the swap"
+    assert (tmp_path / "d/f.sync-conflict-x").read_bytes() == b"an earlier copy"
     assert kept.size == 40 and not _temps(tmp_path)
     with pytest.raises(OSError):
         os.fstat(displaced)  # closed
+
+
+def test_a_conflict_copy_move_never_replaces_an_existing_copy(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"second loser")
+    (tmp_path / "f.copy").write_bytes(b"first loser")
+    with pytest.raises(FileExistsError):
+        localfs.rename_local(str(tmp_path), "f", "f.copy", replace=False)
+    assert (tmp_path / "f.copy").read_bytes() == b"first loser" and (tmp_path / "f").exists()
+    localfs.rename_local(str(tmp_path), "f", "sub/f.copy", replace=False)
+    assert (tmp_path / "sub/f.copy").read_bytes() == b"second loser"

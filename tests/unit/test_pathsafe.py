@@ -265,3 +265,9 @@ def test_conflict_name_rejects_bad_path() -> None:
 )
 def test_is_conflict_name(name: str, result: bool) -> None:
     assert is_conflict_name(name) is result
+
+
+def test_conflict_name_skips_names_in_use() -> None:
+    used = {"d/f.sync-conflict-20261127-110000-n.txt", "d/f.sync-conflict-20261127-110000-n-2.txt"}
+    name = conflict_name("d/f.txt", WHEN, "n", used.__contains__)
+    assert name == "d/f.sync-conflict-20261127-110000-n-3.txt" and is_conflict_name(name)
