@@ -241,6 +241,17 @@ class VolumeSync:
         known = self.state.get_meta(f"root:{self.name}")
         if known is None or known.count(":") == 1:  # none yet, or recorded before the mark existed
             self._remember_root()
+        if self.state.revision(self.name) > 0:
+            self._start_watcher()
+        # else: a first attach. The watcher starts after the initial copy (see _reconcile): our own
+        # writes of a million files would only come back as a million events to filter, and the
+        # rescan that ends the reconcile finds anything written locally meanwhile.
+        self._tasks = [asyncio.create_task(self._run(), name=f"sync-{self.name}"),
+                       asyncio.create_task(self._publisher(), name=f"publish-{self.name}"),
+                       asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}"),
+                       asyncio.create_task(self._retry_deferred(), name=f"retry-{self.name}")]
+
+    def _start_watcher(self) -> None:
         self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
                                      debounce=self.ctx.debounce)
         try:
@@ -255,10 +266,6 @@ class VolumeSync:
         if self.watcher.degraded:
             log.warning("volume %s: %s; falling back to rescans every %ss", self.name,
                         self.watcher.degraded_reason, self.ctx.interval)
-        self._tasks = [asyncio.create_task(self._run(), name=f"sync-{self.name}"),
-                       asyncio.create_task(self._publisher(), name=f"publish-{self.name}"),
-                       asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}"),
-                       asyncio.create_task(self._retry_deferred(), name=f"retry-{self.name}")]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -391,6 +398,8 @@ class VolumeSync:
             except Exception as exc:  # keep syncing other volumes; report and retry this one
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("volume %s: sync loop failed; retrying", self.name)
+            if self.watcher is None and not self._stopping:
+                self._start_watcher()  # the first copy is stuck: local writes must not wait for it
             await asyncio.sleep(backoff + random.random() * backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -496,6 +505,8 @@ class VolumeSync:
                 log.info("volume %s: %d index entries no longer in etcd dropped (tombstones collected while this "
                          "node was away are deleted here)", self.name, removed, extra={"volume": self.name})
             self.state.set_revision(self.name, rev)
+        if self.watcher is None and not self._stopping:
+            self._start_watcher()  # before the rescan, so nothing written from now on is missed
         # Whatever exists only here (not in the index now) is published.
         await self._rescan("reconcile")
         return rev
