@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by group, never whole in memory
 WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying small files
 LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
-APPLY_PAGE = 4096  # manifests per range-read page and files per wave: one syncfs per wave
+APPLY_PAGE = 2048  # manifests per range-read page (<= 12 MiB with 4 KiB inline files) and files per wave
 FLUSH_MAX = 4096  # paths hashed and published per round
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
