@@ -32,7 +32,7 @@ from . import chunker, localfs, metrics
 from .ignore import IgnoreMatcher
 from .localfs import FileStat
 from .manifest import Manifest, ManifestError, decode, parse_chunk_list
-from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired
+from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired, WatchInterrupted
 from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import BLOB_PREFIX, FileRecord, LocalState
@@ -45,7 +45,8 @@ STREAM_THRESHOLD = 16 * 1024 * 1024  # files above this are written group by gro
 WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applying small files
 LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
 APPLY_PAGE = 2048  # manifests per range-read page (<= 12 MiB with 4 KiB inline files) and files per wave
-FLUSH_MAX = 4096  # paths hashed and published per round
+FLUSH_MAX = 1024  # paths hashed and published per round (a slice of inline files is ~20 MB in flight)
+EXPAND_MAX = 4 * FLUSH_MAX  # paths a new directory brings into one flush before a rescan takes over
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
 DIRTY_MAX = 65536  # changed paths remembered before a rescan takes over (see _on_changes)
@@ -374,14 +375,16 @@ class VolumeSync:
     # ---- main loop: catch up, then follow the etcd watch
     async def _run(self) -> None:
         backoff = 0.2
+        rewatch = False  # only the watch broke: follow on from the stored revision, no rescan needed
         while not self._stopping:
             await self.ctx.etcd_ready.wait()
             try:
                 rev = self.state.revision(self.name)
                 if rev == 0 or not self.state.is_synced(self.name):
                     rev = await self._reconcile()
-                else:
+                elif not rewatch:
                     await self._rescan("restart")
+                rewatch = False
                 target = await self.store.latest_revision(self.store.files_prefix(self.name))
                 if rev >= target:
                     self._mark_ready()
@@ -389,6 +392,11 @@ class VolumeSync:
             except ResyncRequired as exc:
                 log.warning("volume %s: %s; reconciling from a full read", self.name, exc)
                 self.state.set_synced(self.name, False)
+                continue
+            except WatchInterrupted as exc:
+                log.info("volume %s: %s; following on from revision %d", self.name, exc,
+                         self.state.revision(self.name))
+                rewatch = True
                 continue
             except (EtcdUnavailable, FetchError) as exc:
                 self.status.last_error = str(exc)
@@ -799,8 +807,14 @@ class VolumeSync:
                 for p, fs in st.items():
                     rec = recs.get(p)
                     if fs is not None and fs.kind == "dir" and (rec is None or rec.kind != "dir"):
-                        found.update(f"{p}/{rel}" for rel, _ in localfs.walk(
-                            os.path.join(self.root, p), lambda r, d, p=p: self._ignored_path(f"{p}/{r}", d)))
+                        for rel, _ in localfs.walk(os.path.join(self.root, p),
+                                                   lambda r, d, p=p: self._ignored_path(f"{p}/{r}", d)):
+                            found.add(f"{p}/{rel}")
+                            if len(found) >= EXPAND_MAX:
+                                # A big tree moved in: the streamed rescan publishes the rest in
+                                # bounded batches instead of one flush holding all of it.
+                                self._on_loop(self._rescan_soon)
+                                return st, found
                 return st, found
 
             new_stats, more = await asyncio.to_thread(look)
@@ -811,6 +825,10 @@ class VolumeSync:
                     more.update(x.path for x in self.state.files(self.name, p) if x.kind != "deleted")
             todo = more - stats.keys()
         return recs, stats
+
+    def _rescan_soon(self) -> None:
+        self.rescan_needed.set()
+        self.kick.set()
 
     async def _publish(self, batch: list[tuple[str, Manifest, FileStat | None]],
                        recs: dict[str, FileRecord]) -> None:

@@ -58,6 +58,13 @@ class BacklogTooLarge(ResyncRequired):
     """etcd packed more replayed history into one watch response than we accept in one message."""
 
 
+class WatchInterrupted(EtcdUnavailable):
+    """The watch stream broke and etcd3aio reconnected on its own, resuming from the last header
+    revision + 1: while history is being replayed that revision is the store's current one, ahead
+    of the events delivered, so the resumed stream would skip changes. The caller re-watches from
+    the revision it has really applied."""
+
+
 @dataclass(frozen=True, slots=True)
 class KV:
     key: bytes
@@ -433,14 +440,19 @@ class EtcdStore:
         yields a response with compact_revision set and then hangs: that is detected here."""
         it = self.client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision,
                                      progress_notify=True)
+        streams = 0
         try:
             async for resp in it:
                 if resp.compact_revision > 0:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
                     raise EtcdUnavailable(f"etcd cancelled the watch on {prefix!r}: {resp.cancel_reason}")
-                if resp.created and not resp.events:
-                    continue  # its header revision runs ahead of the history still to be replayed
+                if resp.created:
+                    streams += 1
+                    if streams > 1:  # etcd3aio reconnected by itself, possibly past unseen history
+                        raise WatchInterrupted(f"the watch on {prefix!r} was interrupted and reconnected")
+                    if not resp.events:
+                        continue  # its header revision runs ahead of the history still to be replayed
                 events = [
                     WatchEvent(ev.kv.key, ev.kv.value if ev.type == 0 else None, int(ev.kv.mod_revision))
                     for ev in resp.events

@@ -20,7 +20,7 @@ from typing import Any
 
 from .engine import Engine
 from .membership import Membership
-from .meta import EtcdStore, EtcdUnavailable, ResyncRequired, dumps, loads
+from .meta import EtcdStore, EtcdUnavailable, ResyncRequired, WatchInterrupted, dumps, loads
 from .state import LocalState
 from .volopts import VolumeError, VolumeOptions, parse_options, validate_name
 
@@ -258,8 +258,8 @@ class VolumeManager:
                         else:
                             with contextlib.suppress(ValueError):
                                 self.state.put_volume(name, loads(ev.value), ev.mod_revision)
-            except ResyncRequired:
-                continue
+            except (ResyncRequired, WatchInterrupted):
+                continue  # re-read the registry, then watch on from there
 
     async def resume_held(self) -> None:
         """After a restart: keep syncing every volume this node held, and its mounts."""

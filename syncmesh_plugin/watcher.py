@@ -47,6 +47,7 @@ _ROOT_MASK = _BASE_MASK
 _MAX_LATENCY = 0.05  # flush at least this often under a continuous event stream
 _OPEN_WRITE_MAX_AGE = 30.0  # report a file held open and written continuously at least this often
 _STALE_CHECK_MIN_INTERVAL = 0.05
+_WALK_REPORT_MAX = 65536  # paths reported one by one from a directory that appeared; beyond: rescan
 _MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 _NS_MAX_WATCHES = "/proc/sys/user/max_inotify_watches"
 
@@ -476,6 +477,7 @@ class VolumeWatcher:
         """Add watches for ``rel`` and its subdirs (watch before listing, so nothing slips through)."""
         stack: list[tuple[str, int | None]] = [(rel, parent_wd)]
         visited: set[int] = set()
+        reported = 0
         while stack:
             d_rel, p_wd = stack.pop()
             path = self._abs(d_rel)
@@ -512,7 +514,11 @@ class VolumeWatcher:
                 if self._skip(c_rel):
                     continue
                 if report:
-                    self._ready.add(c_rel)
+                    if reported < _WALK_REPORT_MAX:
+                        self._ready.add(c_rel)
+                        reported += 1
+                    else:
+                        self._rescan = True  # a huge tree moved in: a rescan lists it, memory stays flat
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
                 except OSError:

@@ -315,3 +315,23 @@ def test_the_lower_of_the_global_and_the_user_namespace_limit_is_reported(
     err = WatchLimitError("/v", 211, 64, "user.max_inotify_watches", 64)
     assert "needs 211 watches (64 held, limit user.max_inotify_watches=64); raise it with sysctl " \
            "user.max_inotify_watches=16384" in str(err)
+
+
+@pytest.mark.asyncio
+async def test_a_huge_tree_moved_in_is_left_to_a_rescan(make: Callable[..., Made], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncmesh_plugin import watcher as watcher_mod
+
+    monkeypatch.setattr(watcher_mod, "_WALK_REPORT_MAX", 5)
+    vol = tmp_path / "vol"
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    for i in range(20):
+        (outside / "sub" / f"f{i}").write_text("x")
+    w, col = make()
+    os.rename(outside, vol / "big")
+    await col.wait(lambda: col.rescans >= 1)  # the rest is listed by the engine's streamed rescan
+    assert len([p for p in col.paths if p.startswith("big/")]) <= 5
+    assert w.watch_count == 3  # every directory is still watched
+    (vol / "big" / "sub" / "later").write_text("y")
+    await col.wait(lambda: "big/sub/later" in col.paths)
