@@ -1352,6 +1352,8 @@ class VolumeSync:
                     while view:
                         n = os.pwrite(fd, view, off)
                         view, off = view[n:], off + n
+                lo = min(off for _, off, _ in group)
+                localfs.start_writeback(fd, lo, max(off + ln for _, off, ln in group) - lo)
 
             def published(group: list[tuple[str, int, int]]) -> None:
                 for cid, off, ln in group:

@@ -88,3 +88,19 @@ def test_a_conflict_copy_move_never_replaces_an_existing_copy(tmp_path: Path) ->
     assert (tmp_path / "f.copy").read_bytes() == b"first loser" and (tmp_path / "f").exists()
     localfs.rename_local(str(tmp_path), "f", "sub/f.copy", replace=False)
     assert (tmp_path / "sub/f.copy").read_bytes() == b"second loser"
+
+
+def test_start_writeback_is_best_effort(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "big", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x" * 65536, 0)
+        localfs.start_writeback(fd, 0, 65536)  # starts the flush, does not wait for it
+        assert os.pread(fd, 4, 65532) == b"xxxx"
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        localfs.start_writeback(w, 0, 10)  # ESPIPE is ignored, nothing raised
+    finally:
+        os.close(r)
+        os.close(w)
