@@ -251,6 +251,16 @@ class VolumeSync:
                        asyncio.create_task(self._publisher(), name=f"publish-{self.name}"),
                        asyncio.create_task(self._rescanner(), name=f"rescan-{self.name}"),
                        asyncio.create_task(self._retry_deferred(), name=f"retry-{self.name}")]
+        for t in self._tasks:
+            t.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """These loops run for the volume's lifetime: one ending on its own is a bug to see at once."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        self.status.last_error = f"{task.get_name()} stopped: {exc!r}"
+        log.error("volume %s: %s stopped unexpectedly: %r", self.name, task.get_name(), exc, exc_info=exc)
 
     def _start_watcher(self) -> None:
         self.watcher = VolumeWatcher(self.root, self._on_changes, ignore=self._ignored_path,
@@ -535,7 +545,12 @@ class VolumeSync:
                 try:
                     items = await self._refreshed(items)
                     await self._apply(items)
-                except EtcdUnavailable:
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # never let the retry loop die: these items would wait forever
+                    if not isinstance(exc, EtcdUnavailable):
+                        log.exception("volume %s: retrying %d deferred change(s) failed; will retry", self.name,
+                                      len(items))
                     for it in items:
                         self.deferred.setdefault(it.rel, it)
             delay = min(delay * 2, 15.0) if self.deferred else 1.0
@@ -592,8 +607,14 @@ class VolumeSync:
                 interval = min(interval, 5.0)
             await asyncio.sleep(interval * (0.9 + 0.2 * random.random()))
             if self.ready.is_set() and self.ctx.etcd_ready.is_set():
-                with contextlib.suppress(EtcdUnavailable):
+                try:
                     await self._rescan("interval")
+                except EtcdUnavailable:
+                    pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the safety net must outlive any one failure
+                    log.exception("volume %s: periodic rescan failed; next one as scheduled", self.name)
 
     async def _rescan(self, reason: str) -> None:
         """Compare the disk with the index one directory at a time, in a worker thread, and publish the
@@ -920,13 +941,15 @@ class VolumeSync:
             # The remote version wins: move our content aside (no copy), then take theirs.
             moved = False
             if local.kind == "file" and (self.keep_copies or self.mode == "manual"):
-                while True:
+                for _ in range(100):
                     copy = conflict_name(rel, stamp, self.ctx.node_id, self._name_taken)
                     try:
                         await asyncio.to_thread(localfs.rename_local, self.root, rel, copy, False)
                         break
                     except FileExistsError:
                         continue  # created since we looked: the next name
+                else:
+                    raise PathError(f"no free conflict copy name for {rel!r}")
                 moved = True
                 self.dirty.add(copy)
                 self.kick.set()
@@ -1164,8 +1187,10 @@ class VolumeSync:
         self.state.put_files([it.rec])
         return True
 
-    async def _gather(self, wave: list[_Pending], origin_hint: str) -> tuple[dict[str, bytes], dict[str, list]]:
-        """Chunks for a wave: found locally (verified) or fetched from peers (verified by the client)."""
+    async def _gather(self, wave: list[_Pending], origin_hint: str,
+                      lacking_out: set[str] | None = None) -> tuple[dict[str, bytes], dict[str, list]]:
+        """Chunks for a wave: found locally (verified) or fetched from peers (verified by the client).
+        Chunks no peer could serve raise FetchError, or with `lacking_out` are added to it."""
         need: dict[str, int] = {}
         for it in wave:
             if it.m.kind == "file" and it.m.inline is None:
@@ -1184,7 +1209,9 @@ class VolumeSync:
             metrics.chunk_fetch_seconds.observe(time.monotonic() - t0)
             got.update(fetched)
             lacking = [cid for cid in missing if cid not in fetched]
-            if lacking:
+            if lacking and lacking_out is not None:
+                lacking_out.update(lacking)
+            elif lacking:
                 raise FetchError(f"{len(lacking)} chunk(s) of volume {self.name} not available from any peer "
                                  f"({', '.join(peers) or 'no peers'})")
         return got, locs
@@ -1236,15 +1263,19 @@ class VolumeSync:
 
     async def _apply_wave(self, wave: list[_Pending]) -> None:
         origins = [it.m.origin for it in wave if it.m.inline is None and it.m.kind == "file"]
-        try:
-            got, _ = await self._gather(wave, origins[0] if origins else "")
-        except FetchError as exc:
-            if len(wave) == 1:
-                self._defer(wave[0], exc)
-                return
-            for it in wave:  # find which files lack chunks; apply the others now
-                await self._apply_wave([it])
-            return
+        lacking: set[str] = set()
+        got, _ = await self._gather(wave, origins[0] if origins else "", lacking)
+        if lacking:
+            # One round of fetches per wave: files whose chunks no peer could serve wait (deferred),
+            # everything else in the wave (inline files, chunks found) is applied now.
+            exc = FetchError(f"{len(lacking)} chunk(s) of volume {self.name} not available from any peer")
+            ready = []
+            for it in wave:
+                if it.m.kind == "file" and it.m.inline is None and any(c in lacking for c, _ in it.m.chunks):
+                    self._defer(it, exc)
+                else:
+                    ready.append(it)
+            wave = ready
 
         def write() -> list[tuple[_Pending, int, str]]:
             staged = []
