@@ -273,10 +273,10 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     s.expect(flowed, "stall", f"changes between reachable nodes stalled while the sole holder was away "
                               f"({took:.0f}s for one small file from n3 to n2)")
     conclude(s, timeout=s.converge_timeout, known={"stall": (
-        "engine bug: a frozen (not dead) peer stalls the volume on every other node: _apply holds VolumeSync.lock "
-        "while fetching chunks from the frozen peer (each frozen peer still costs 10-20 s before it is given up) "
-        "and _flush needs the same lock, so neither local changes are published nor other remote changes "
-        "applied meanwhile",
+        "engine limit: a frozen (not dead) peer delays other changes on every node: the watch is applied in "
+        "order, and while a wave waits for the frozen peer's chunks (read timeouts and retries, 10-20 s until "
+        "its circuit opens) later changes from reachable nodes wait behind it (publishing is not blocked: the "
+        "fetch runs without the volume lock)",
         lambda: all("frozen" in text or how == "sigstop" for kind, text in s.extra if kind == "stall"))})
 
 
