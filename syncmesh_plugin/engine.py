@@ -37,7 +37,7 @@ from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import BLOB_PREFIX, FileRecord, LocalState
 from .volopts import VolumeOptions
-from .watcher import Changes, VolumeWatcher
+from .watcher import Changes, VolumeWatcher, max_user_instances
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,15 @@ class _PartialFile:
         os.close(self.fd)
 
 
-def _limit(name: str) -> int:
-    try:
-        with open(f"/proc/sys/fs/inotify/{name}") as fh:
-            return int(fh.read())
-    except (OSError, ValueError):
-        return 128
+def _superseded(it: _Pending, cur: FileRecord | None) -> bool:
+    """Whether a newer version of the path (`cur`, its index record now) was applied while `it` waited
+    (fetches run without the volume lock, and deferred items are retried later): the older one must
+    then be dropped, neither written over the newer one nor taken for a local edit."""
+    if cur is None or cur.rev < it.rev:
+        return False
+    # The same revision counts only if it was recorded after this item was read (an operator's
+    # re-fetch of the current version comes without a record and must go through).
+    return cur.rev > it.rev or (it.rec is not None and cur.rev != it.rec.rev)
 
 
 def _depth(rel: str) -> int:
@@ -271,7 +274,7 @@ class VolumeSync:
             # One inotify instance per volume: past fs.inotify.max_user_instances (128 by default)
             # this volume is kept correct by rescans every 5 s instead.
             hint = (" (inotify instance limit reached: raise it with sysctl fs.inotify.max_user_instances="
-                    f"{_limit('max_user_instances') * 4})" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+                    f"{max_user_instances() * 4})" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
             self.watcher.degraded = True
             self.watcher.degraded_reason = f"inotify unavailable: {exc.strerror}{hint}"
         if self.watcher.degraded:
@@ -1244,22 +1247,11 @@ class VolumeSync:
         cur = self.deferred.get(it.rel)
         if cur is not None and cur.rev > it.rev:
             return  # a newer version of the path already waits; the older one must not replace it
-        if self._superseded(it):
+        if _superseded(it, self.state.file(self.name, it.rel)):
             return
         if cur is None:
             log.warning("volume %s: %s deferred: %s", self.name, it.rel, exc)
         self.deferred[it.rel] = it
-
-    def _superseded(self, it: _Pending) -> bool:
-        """Whether a newer version of the path was applied while this one waited (fetches run without
-        the volume lock, and deferred items are retried later): the older one must then be dropped,
-        neither written over the newer one nor taken for a local edit."""
-        cur = self.state.file(self.name, it.rel)
-        if cur is None or cur.rev < it.rev:
-            return False
-        # The same revision counts only if it was recorded after this item was read (an operator's
-        # re-fetch of the current version comes without a record and must go through).
-        return cur.rev > it.rev or (it.rec is not None and cur.rev != it.rec.rev)
 
     async def _apply_wave(self, wave: list[_Pending]) -> None:
         origins = [it.m.origin for it in wave if it.m.inline is None and it.m.kind == "file"]
@@ -1298,8 +1290,9 @@ class VolumeSync:
         without the lock): those go through the conflict path. The check happens in `localfs.commit`,
         right before each rename, so a write racing with the swap is not lost (see there)."""
         ready = []
+        now = self.state.files_for(self.name, [it.rel for it, _, _ in staged])  # one query per wave
         for it, dfd, tmp in staged:
-            if self._superseded(it):
+            if _superseded(it, now.get(it.rel)):
                 await asyncio.to_thread(localfs.discard, dfd, tmp)
             else:
                 ready.append((it, dfd, tmp))

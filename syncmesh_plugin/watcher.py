@@ -93,6 +93,12 @@ def _read_int(path: str) -> int:
         return -1
 
 
+def max_user_instances() -> int:
+    """fs.inotify.max_user_instances (128, the kernel default, when it cannot be read)."""
+    v = _read_int("/proc/sys/fs/inotify/max_user_instances")
+    return v if v >= 0 else 128
+
+
 def _read_max_user_watches() -> tuple[int, str]:
     """The limit that applies to us and the sysctl that sets it: the global fs.inotify one, or the
     per-user-namespace one (lower inside a container or a user namespace)."""
