@@ -32,7 +32,7 @@ from . import chunker, localfs, metrics
 from .ignore import IgnoreMatcher
 from .localfs import FileStat
 from .manifest import Manifest, ManifestError, decode, parse_chunk_list
-from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired, WatchInterrupted
+from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired, WatchEvent, WatchInterrupted
 from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import BLOB_PREFIX, FileRecord, LocalState
@@ -442,13 +442,8 @@ class VolumeSync:
                 self._drained.clear()
                 await self._drained.wait()
             if batch.events:
-                items = []
-                for ev in batch.events:
-                    if ev.value is None:
-                        continue  # keys are only deleted when the volume is removed
-                    p = self._parse(ev.key, ev.value, ev.mod_revision)
-                    if p is not None:
-                        items.append(p)
+                items = [p for ev in self._unseen(batch.events)
+                         if (p := self._parse(ev.key, ev.value or b"", ev.mod_revision)) is not None]
                 if items:
                     items = self._not_applied(items)
                 if items:
@@ -462,6 +457,29 @@ class VolumeSync:
             self.status.last_error = ""
             if batch.revision >= ready_at:
                 self._mark_ready()
+
+    def _unseen(self, events: list[WatchEvent]) -> list[WatchEvent]:
+        """The events the index does not have yet, before any is decoded: while this node publishes a
+        big tree, nearly every event is its own publish coming back, and decoding each would cost the
+        publisher as much CPU again as encoding it."""
+        latest: dict[str, WatchEvent] = {}
+        for ev in events:
+            if ev.value is None:
+                continue  # keys are only deleted when the volume is removed
+            rel = self.store.path_of(self.name, ev.key)
+            cur = latest.get(rel)
+            if cur is None or ev.mod_revision > cur.mod_revision:
+                latest[rel] = ev
+        known = self.state.revisions_for(self.name, latest)
+        out = []
+        for rel, ev in latest.items():
+            if known.get(rel, 0) >= ev.mod_revision:
+                old = self.deferred.get(rel)
+                if old is not None and old.rev <= ev.mod_revision:
+                    del self.deferred[rel]  # superseded by a version already in the index
+                continue
+            out.append(ev)
+        return out
 
     def _parse(self, key: bytes, value: bytes, rev: int) -> _Pending | None:
         rel = self.store.path_of(self.name, key)
@@ -944,15 +962,9 @@ class VolumeSync:
             # The remote version wins: move our content aside (no copy), then take theirs.
             moved = False
             if local.kind == "file" and (self.keep_copies or self.mode == "manual"):
-                for _ in range(100):
-                    copy = conflict_name(rel, stamp, self.ctx.node_id, self._name_taken)
-                    try:
-                        await asyncio.to_thread(localfs.rename_local, self.root, rel, copy, False)
-                        break
-                    except FileExistsError:
-                        continue  # created since we looked: the next name
-                else:
-                    raise PathError(f"no free conflict copy name for {rel!r}")
+                copy, _ = await asyncio.to_thread(localfs.rename_local, self.root, rel,
+                                                  conflict_name(rel, stamp, self.ctx.node_id, self._name_taken),
+                                                  False, self._free_copy_name(rel, stamp))
                 moved = True
                 self.dirty.add(copy)
                 self.kick.set()
@@ -968,6 +980,12 @@ class VolumeSync:
         log.warning("volume %s: conflict on %s not settled after 10 rounds (hot file); retrying", self.name, rel)
         self.dirty.add(rel)
         asyncio.get_running_loop().call_later(0.2, self.kick.set)
+
+    def _free_copy_name(self, rel: str, stamp: datetime) -> Callable[[], str]:
+        """The next conflict-copy name for `rel` when the one chosen was taken meanwhile. Called in a
+        worker thread, so the disk (not the index) says which names are free."""
+        return lambda: conflict_name(rel, stamp, self.ctx.node_id,
+                                     lambda n: os.path.lexists(os.path.join(self.root, n)))
 
     def _name_taken(self, rel: str) -> bool:
         """A conflict copy name already used here (on disk or in the index): never reused."""
@@ -1329,13 +1347,10 @@ class VolumeSync:
         stamp = datetime.now(UTC)
         copy = conflict_name(it.rel, stamp, self.ctx.node_id, self._name_taken)
 
-        def another() -> str:  # worker thread: the disk says what is free
-            return conflict_name(it.rel, stamp, self.ctx.node_id,
-                                 lambda n: os.path.lexists(os.path.join(self.root, n)))
-
         async def save() -> None:
             try:
-                kept, _ = await asyncio.to_thread(localfs.save_displaced, self.root, copy, fd, next_name=another)
+                kept, _ = await asyncio.to_thread(localfs.save_displaced, self.root, copy, fd,
+                                                  next_name=self._free_copy_name(it.rel, stamp))
             except (OSError, PathError) as exc:
                 log.error("volume %s: could not keep the local write to %s that raced with a remote version: %s",
                           self.name, it.rel, exc)

@@ -317,15 +317,7 @@ def save_displaced(root: str, rel: str, fd: int, settle: float = 0.2, limit: flo
                 os.fsync(out)
             finally:
                 os.close(out)
-            name = rel.rsplit("/", 1)[-1]
-            for _ in range(100):
-                try:
-                    _rename_noreplace(dfd, tmp, name)
-                    break
-                except FileExistsError:
-                    if next_name is None:
-                        raise
-                    name = next_name().rsplit("/", 1)[-1]  # same directory, a free name
+            name = _rename_to_free_name(dfd, tmp, dfd, rel, next_name)
             head = rel.rpartition("/")[0]
             return (f"{head}/{name}" if head else name), FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
         except BaseException:
@@ -436,18 +428,40 @@ def remove(root: str, rel: str) -> bool:
         os.close(dfd)
 
 
-def rename_local(root: str, src: str, dst: str, replace: bool = True) -> FileStat:
+def _rename_to_free_name(sfd: int, src: str, dfd: int, rel: str, next_name: Callable[[], str] | None) -> str:
+    """Rename `src` to the last component of `rel` without replacing anything; when that name is
+    taken, to the names `next_name` gives (in the same directory). Returns the name used."""
+    name = rel.rsplit("/", 1)[-1]
+    for _ in range(100):
+        try:
+            _rename_noreplace(sfd, src, name, dfd)
+            return name
+        except FileExistsError:
+            if next_name is None:
+                raise
+            nxt = next_name()
+            if nxt.rpartition("/")[0] != rel.rpartition("/")[0]:
+                raise PathError(f"{nxt!r} is not beside {rel!r}") from None
+            name = nxt.rsplit("/", 1)[-1]
+    raise FileExistsError(errno.EEXIST, "no free name after 100 tries", rel)
+
+
+def rename_local(root: str, src: str, dst: str, replace: bool = True,
+                 next_name: Callable[[], str] | None = None) -> tuple[str, FileStat]:
     """Move a local file (a rename made on another node, or a conflict copy): no data is copied.
-    With replace=False an existing `dst` is never replaced (FileExistsError)."""
+    With replace=False an existing file is never replaced: the next free name from `next_name` is
+    used, or FileExistsError without one. Returns the path used and its stat."""
     sfd = open_parent_dir(root, src, create=False)
     try:
         dfd = open_parent_dir(root, dst, create=True)
         try:
+            name = dst.rsplit("/", 1)[-1]
             if replace:
-                os.rename(src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+                os.rename(src.rsplit("/", 1)[-1], name, src_dir_fd=sfd, dst_dir_fd=dfd)
             else:
-                _rename_noreplace(sfd, src.rsplit("/", 1)[-1], dst.rsplit("/", 1)[-1], dfd)
-            return FileStat.of(os.stat(dst.rsplit("/", 1)[-1], dir_fd=dfd, follow_symlinks=False))
+                name = _rename_to_free_name(sfd, src.rsplit("/", 1)[-1], dfd, dst, next_name)
+            head = dst.rpartition("/")[0]
+            return (f"{head}/{name}" if head else name), FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
         finally:
             os.close(dfd)
     finally:

@@ -206,6 +206,16 @@ class LocalState:
                 out[row["path"]] = _row_to_file(row)
         return out
 
+    def revisions_for(self, volume: str, paths: Iterable[str]) -> dict[str, int]:
+        """The indexed revision of many paths (absent: not indexed); cheaper than `files_for`."""
+        out: dict[str, int] = {}
+        plist = list(paths)
+        for i in range(0, len(plist), 500):
+            part = plist[i:i + 500]
+            q = f"SELECT path, rev FROM files WHERE volume=? AND path IN ({','.join('?' * len(part))})"
+            out.update(self.db.execute(q, (volume, *part)).fetchall())
+        return out
+
     def files_page(self, volume: str, prefix: str = "", after: str = "", limit: int = 100,
                    deleted: bool = False) -> list[FileRecord]:
         """One page of the index in path order: paths starting with `prefix` (a plain string prefix),

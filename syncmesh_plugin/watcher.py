@@ -47,7 +47,10 @@ _ROOT_MASK = _BASE_MASK
 _MAX_LATENCY = 0.05  # flush at least this often under a continuous event stream
 _OPEN_WRITE_MAX_AGE = 30.0  # report a file held open and written continuously at least this often
 _STALE_CHECK_MIN_INTERVAL = 0.05
-_WALK_REPORT_MAX = 65536  # paths reported one by one from a directory that appeared; beyond: rescan
+#: Paths remembered between two flushes. Past this (a big tree moved in, a burst of writes) the
+#: watcher forgets them and asks for a rescan instead, which lists the disk in bounded batches: the
+#: memory of a burst does not grow with the number of files in it.
+_READY_MAX = 32768
 _MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 _NS_MAX_WATCHES = "/proc/sys/user/max_inotify_watches"
 
@@ -294,6 +297,11 @@ class VolumeWatcher:
         return rel.rpartition("/")[2].startswith(TMP_PREFIX) or self._ignore(rel)
 
     def _mark(self, rel: str) -> None:
+        if self._rescan:
+            return  # a rescan is due: it lists everything, no need to remember paths
+        if len(self._ready) >= _READY_MAX:
+            self._ready, self._moves, self._rescan = set(), [], True
+            return
         self._ready.add(rel)
 
     def _opened_for_write(self, rel: str, now: float) -> None:
@@ -329,7 +337,8 @@ class VolumeWatcher:
             return
         self._mark(old_rel)
         self._mark(new_rel)
-        self._moves.append((old_rel, new_rel))
+        if not self._rescan:
+            self._moves.append((old_rel, new_rel))
         self._open.pop(old_rel, None)
         self._open.pop(new_rel, None)
         if not isdir:
@@ -483,7 +492,6 @@ class VolumeWatcher:
         """Add watches for ``rel`` and its subdirs (watch before listing, so nothing slips through)."""
         stack: list[tuple[str, int | None]] = [(rel, parent_wd)]
         visited: set[int] = set()
-        reported = 0
         while stack:
             d_rel, p_wd = stack.pop()
             path = self._abs(d_rel)
@@ -520,11 +528,7 @@ class VolumeWatcher:
                 if self._skip(c_rel):
                     continue
                 if report:
-                    if reported < _WALK_REPORT_MAX:
-                        self._ready.add(c_rel)
-                        reported += 1
-                    else:
-                        self._rescan = True  # a huge tree moved in: a rescan lists it, memory stays flat
+                    self._mark(c_rel)
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
                 except OSError:
@@ -629,7 +633,7 @@ class VolumeWatcher:
             due = min(last + timeout, first + _OPEN_WRITE_MAX_AGE)
             if due <= now:
                 del self._open[rel]
-                self._ready.add(rel)
+                self._mark(rel)
             else:
                 next_due = min(next_due, due)
         self._schedule_flush()

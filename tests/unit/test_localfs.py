@@ -9,7 +9,7 @@ import pytest
 
 from syncmesh_plugin import localfs
 from syncmesh_plugin.manifest import Manifest
-from syncmesh_plugin.pathsafe import TMP_PREFIX
+from syncmesh_plugin.pathsafe import TMP_PREFIX, PathError
 
 
 def _stage(root: Path, rel: str, data: bytes) -> tuple[int, str]:
@@ -86,8 +86,17 @@ def test_a_conflict_copy_move_never_replaces_an_existing_copy(tmp_path: Path) ->
     with pytest.raises(FileExistsError):
         localfs.rename_local(str(tmp_path), "f", "f.copy", replace=False)
     assert (tmp_path / "f.copy").read_bytes() == b"first loser" and (tmp_path / "f").exists()
-    localfs.rename_local(str(tmp_path), "f", "sub/f.copy", replace=False)
-    assert (tmp_path / "sub/f.copy").read_bytes() == b"second loser"
+    names = iter(["f.copy-2", "f.copy-3"])
+    (tmp_path / "f.copy-2").write_bytes(b"another")
+    used, st = localfs.rename_local(str(tmp_path), "f", "f.copy", replace=False, next_name=lambda: next(names))
+    assert used == "f.copy-3" and (tmp_path / "f.copy-3").read_bytes() == b"second loser"
+    assert st.size == len(b"second loser") and (tmp_path / "f.copy-2").read_bytes() == b"another"
+    (tmp_path / "f").write_bytes(b"third loser")
+    assert localfs.rename_local(str(tmp_path), "f", "sub/f.copy", replace=False)[0] == "sub/f.copy"
+    assert (tmp_path / "sub/f.copy").read_bytes() == b"third loser"
+    (tmp_path / "g").write_bytes(b"g")
+    with pytest.raises(PathError):  # a next name elsewhere is refused, not followed
+        localfs.rename_local(str(tmp_path), "g", "f.copy", replace=False, next_name=lambda: "sub/g.copy")
 
 
 def test_start_writeback_is_best_effort(tmp_path: Path) -> None:

@@ -322,16 +322,17 @@ async def test_a_huge_tree_moved_in_is_left_to_a_rescan(make: Callable[..., Made
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from syncmesh_plugin import watcher as watcher_mod
 
-    monkeypatch.setattr(watcher_mod, "_WALK_REPORT_MAX", 5)
+    monkeypatch.setattr(watcher_mod, "_READY_MAX", 6)
     vol = tmp_path / "vol"
-    outside = tmp_path / "outside"
-    (outside / "sub").mkdir(parents=True)
-    for i in range(20):
-        (outside / "sub" / f"f{i}").write_text("x")
+    for name in ("outside", "second"):  # each below the bound on its own, together above it
+        (tmp_path / name / "sub").mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / name / "sub" / f"f{i}").write_text("x")
     w, col = make()
-    os.rename(outside, vol / "big")
+    os.rename(tmp_path / "outside", vol / "big")
+    os.rename(tmp_path / "second", vol / "big2")
     await col.wait(lambda: col.rescans >= 1)  # the rest is listed by the engine's streamed rescan
-    assert len([p for p in col.paths if p.startswith("big/")]) <= 5
-    assert w.watch_count == 3  # every directory is still watched
+    assert len([p for p in col.paths if p.startswith("big")]) <= 6
+    assert w.watch_count == 5  # every directory is still watched
     (vol / "big" / "sub" / "later").write_text("y")
     await col.wait(lambda: "big/sub/later" in col.paths)
