@@ -571,7 +571,7 @@ def _million(sc: Scenario, tree: Tree, expected_keys: int, etcd: ScaleEtcd, a: N
                         "revisions": rev1 - rev0, "revisions_per_edit": round((rev1 - rev0) / n_edits, 3),
                         "peak_rss_mb": pk}
     sc.row(f"{n_edits:,} random edits on A converge on B", f"{t_edits:.1f} s, etcd revision +{rev1 - rev0} "
-           f"({(rev1 - rev0) / n_edits:.3f} per edit: CAS transactions of up to 128 paths)",
+           f"({(rev1 - rev0) / n_edits:.3f} per edit: CAS transactions of up to 127 paths)",
            seconds=round(t_edits, 2))
     # -- etcd footprint
     st = etcd.status()
@@ -1034,7 +1034,7 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=int, default=30)
     ap.add_argument("--quota-mib", type=int, default=128)
     ap.add_argument("--keep-revisions", type=int, default=20,
-                    help="housekeeping.compact_keep_revisions in the steady-edit run (a revision = up to 128 paths)")
+                    help="housekeeping.compact_keep_revisions in the steady-edit run (a revision = up to 127 paths)")
     ap.add_argument("--churn-seconds", type=int, default=None)
     ap.add_argument("--churn-rate", type=float, default=1500.0, help="writes/s of the steady edit load")
     ap.add_argument("--churn-paths", type=int, default=2000)

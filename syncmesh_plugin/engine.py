@@ -398,7 +398,7 @@ class VolumeSync:
                 elif not rewatch:
                     await self._rescan("restart")
                 rewatch = False
-                target = await self.store.latest_revision(self.store.files_prefix(self.name))
+                target = await self.store.latest_revision(self.name)
                 if rev >= target:
                     self._mark_ready()
                 await self._follow(rev, target)
@@ -876,12 +876,12 @@ class VolumeSync:
                        recs: dict[str, FileRecord]) -> None:
         store = self.store
         items = [(store.file_key(self.name, p), m.encode(), r.rev if (r := recs.get(p)) else 0) for p, m, _ in batch]
-        ok, rev = await store.cas_put_many(items)
+        ok, rev = await store.cas_put_many(items, store.head_key(self.name))
         if ok:
             self._published(batch, rev)
             return
         for one, item in zip(batch, items, strict=True):  # someone else changed one of them: find which
-            ok, rev = await store.cas_put_many([item])
+            ok, rev = await store.cas_put_many([item], store.head_key(self.name))
             if ok:
                 self._published([one], rev)
             else:
@@ -921,7 +921,7 @@ class VolumeSync:
         for _ in range(10):
             kv = await store.get(key)
             if kv is None:
-                ok, rev = await store.cas_put_many([(key, local.encode(), 0)])
+                ok, rev = await store.cas_put_many([(key, local.encode(), 0)], store.head_key(self.name))
                 if ok:
                     self._published([(rel, local, fs)], rev)
                     return
@@ -952,7 +952,7 @@ class VolumeSync:
                     remote.ts = time.time()
                     ops.append((store.file_key(self.name, copy), remote.encode(), 0))
                 ops.append((key, local.encode(), kv.mod_revision))
-                ok, rev = await store.cas_put_many(ops)
+                ok, rev = await store.cas_put_many(ops, store.head_key(self.name))
                 if not ok:
                     continue
                 self._published([(rel, local, fs)], rev)

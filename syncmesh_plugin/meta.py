@@ -35,7 +35,8 @@ from .config import EtcdConfig
 
 log = logging.getLogger(__name__)
 
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+ETCD_MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+MAX_TXN_OPS = ETCD_MAX_TXN_OPS - 1  # manifests per publish: one more op rewrites the volume's head key
 
 
 class EtcdUnavailable(RuntimeError):
@@ -149,6 +150,11 @@ class EtcdStore:
 
     def files_prefix(self, volume: str) -> bytes:
         return self.key("files", volume) + b"/"
+
+    def head_key(self, volume: str) -> bytes:
+        """Rewritten in every transaction that publishes to the volume, so its mod_revision is the
+        volume's latest change, read in one get (a sorted range over a million keys takes seconds)."""
+        return self.key("head", volume)
 
     def path_of(self, volume: str, key: bytes) -> str:
         return key[len(self.files_prefix(volume)):].decode("utf-8", "surrogateescape")
@@ -324,15 +330,19 @@ class EtcdStore:
             return False, KV(k.key, k.value, k.mod_revision, k.create_revision)
         return False, None
 
-    async def cas_put_many(self, items: Sequence[tuple[bytes, bytes, int]]) -> tuple[bool, int]:
+    async def cas_put_many(self, items: Sequence[tuple[bytes, bytes, int]],
+                           mark: bytes | None = None) -> tuple[bool, int]:
         """Put every (key, value) iff each key's mod_revision still equals its base; one revision.
+        `mark` is a key rewritten (unconditionally) by the same transaction when it succeeds.
 
         Returns (succeeded, revision). At most MAX_TXN_OPS items."""
-        if len(items) > MAX_TXN_OPS:
+        if len(items) + (mark is not None) > ETCD_MAX_TXN_OPS:
             raise ValueError("too many operations for one etcd transaction")
         kv = self.client.kv
         compares = [_cmp_mod(k, base) for k, _, base in items]
         ops = [_op_put(k, v) for k, v, _ in items]
+        if mark is not None:
+            ops.append(_op_put(mark, b""))
         resp = await self._call("txn", lambda: kv.txn(compares, ops, timeout=self.timeout))
         return bool(resp.succeeded), int(resp.header.revision)
 
@@ -349,13 +359,19 @@ class EtcdStore:
             prefix, prefix_range_end(prefix), count_only=True, timeout=self.timeout))
         return int(resp.count)
 
-    async def latest_revision(self, prefix: bytes) -> int:
-        """The highest mod_revision under a prefix (0 if empty): how far a replica must get."""
+    async def latest_revision(self, volume: str) -> int:
+        """The revision of the volume's latest published change (0 if none): how far a replica must get."""
+        head = await self.get(self.head_key(volume))
+        if head is not None:
+            return head.mod_revision
+        # Nothing published yet, or only by a version without the head key: the highest mod_revision
+        # under the prefix. etcd sorts the whole prefix for this, which is slow at a million keys.
         from etcd3aio import SortOrder, SortTarget
 
+        prefix = self.files_prefix(volume)
         resp = await self._call("range", lambda: self.client.kv.get(
             prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
-            keys_only=True, timeout=self.timeout * 12))  # etcd sorts the whole prefix: slow at 1M keys
+            keys_only=True, timeout=self.timeout * 12))
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
     async def delete_if_unchanged(self, items: Sequence[tuple[bytes, int]], *,

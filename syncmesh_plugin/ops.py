@@ -182,7 +182,7 @@ class Ops:
         store = self.d.store
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
-        latest = await store.latest_revision(store.files_prefix(volume))
+        latest = await store.latest_revision(volume)
         _, holders = await store.get_all(store.key("holders", volume) + b"/")
         _, applied = await store.get_all(store.key("applied", volume) + b"/")
         nodes = await self.live_nodes(max_age=1.0)

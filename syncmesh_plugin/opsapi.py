@@ -151,7 +151,7 @@ def add_routes(app: web.Application, d: Daemon) -> None:
         holders = await ops.holders_by_node()
         latest: dict[str, int] = {}
         for name in sorted(d.state.volumes()):
-            latest[name] = await d.store.latest_revision(d.store.files_prefix(name))
+            latest[name] = await d.store.latest_revision(name)
         health = ops.peers_health()["peers"]
         out = []
         for n, rec in sorted(nodes.items()):

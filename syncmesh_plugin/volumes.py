@@ -206,6 +206,7 @@ class VolumeManager:
                 await store.delete(store.key("volumes", name))
                 for part in ("files", "mounts", "holders", "applied"):
                     await store.delete_prefix(store.key(part, name) + b"/")
+                await store.delete(store.head_key(name))
             except EtcdUnavailable as exc:
                 raise ClusterUnavailable(str(exc)) from None
             await self._drop_local(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -30,7 +31,7 @@ def cli(node, *args):
     return r.returncode, r.stdout + r.stderr
 
 
-def test_ops_api_events_cli_and_logs(cluster, volume):
+def test_ops_api_events_cli_and_logs(cluster, volume, etcd):
     a = cluster("n1", SYNCMESH_LOG_FORMAT="json")
     b = cluster("n2")
     a.ok("VolumeDriver.Create", {"Name": volume})
@@ -69,7 +70,14 @@ def test_ops_api_events_cli_and_logs(cluster, volume):
         return conv if done and {n["node"] for n in conv["nodes"]} == {"n1", "n2"} else None
 
     conv = wait_for(all_converged, 15, what="convergence reported for both nodes")
-    assert conv["latest_revision"] > 0
+    # the latest change is read from the volume's head key, rewritten by every publish transaction
+    # (one get instead of etcd sorting the volume's keys), and it is the newest manifest's revision
+    files = base64.b64encode(f"{cluster.prefix}/files/{volume}/".encode()).decode()
+    files_end = base64.b64encode(f"{cluster.prefix}/files/{volume}0".encode()).decode()
+    newest = etcd.etcd_api("/v3/kv/range", {"key": files, "range_end": files_end, "keys_only": True,
+                                            "sort_order": "DESCEND", "sort_target": "MOD", "limit": 1})
+    head = etcd.etcd_api("/v3/kv/range", {"key": base64.b64encode(f"{cluster.prefix}/head/{volume}".encode()).decode()})
+    assert conv["latest_revision"] == int(head["kvs"][0]["mod_revision"]) == int(newest["kvs"][0]["mod_revision"])
 
     health = checked(b, "/api/v1/health")
     assert set(health["components"]) >= {"plugin_socket", "etcd", "watchers", "peers"}
