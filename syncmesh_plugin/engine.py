@@ -46,6 +46,7 @@ WAVE_BYTES = 64 * 1024 * 1024  # chunk bytes held in memory at once while applyi
 LARGE_WAVE_BYTES = 32 * 1024 * 1024  # per wave of a streamed big file (two waves in flight)
 APPLY_PAGE = 2048  # manifests per range-read page (<= 12 MiB with 4 KiB inline files) and files per wave
 FLUSH_MAX = 1024  # paths hashed and published per round (a slice of inline files is ~20 MB in flight)
+SCAN_PAGE = 512  # entries of one directory compared with the index at a time by a rescan
 EXPAND_MAX = 4 * FLUSH_MAX  # paths a new directory brings into one flush before a rescan takes over
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
@@ -667,24 +668,40 @@ class VolumeSync:
                     loop.call_soon_threadsafe(batches.put_nowait, changed)
                     changed = set()
 
+            def compare(entries: list[tuple[str, FileStat]]) -> None:
+                known = LocalState.stats_for(db, self.name, [rel for rel, _ in entries])
+                for rel, fs in entries:
+                    t = known.get(rel)
+                    if t is None or t[0] != fs.kind:
+                        changed.add(rel)
+                    elif fs.kind == "dir":
+                        if t[4:] != (fs.mode, fs.uid, fs.gid):
+                            changed.add(rel)
+                    elif t[1:] != (fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid):
+                        changed.add(rel)
+                if len(changed) >= FLUSH_MAX:
+                    hand_over()
+
             try:
                 stack = [""]
                 while stack and not stop.is_set():
                     d = stack.pop()
                     dirs_seen += 1
-                    known = LocalState.children_stats(db, self.name, d)
-                    for rel, fs in localfs.list_dir(self.root, d, self._ignored_path, self._started_ns):
-                        t = known.pop(rel, None)
+                    # Streamed, a few hundred entries at a time: a directory of 50,000 entries costs
+                    # the set of its names, not two full copies of its listing and index entries.
+                    names: set[str] = set()
+                    entries: list[tuple[str, FileStat]] = []
+                    for rel, fs in localfs.iter_dir(self.root, d, self._ignored_path, self._started_ns):
+                        names.add(rel)
                         if fs.kind == "dir":
                             stack.append(rel)
-                        if t is None or t[0] != fs.kind:
-                            changed.add(rel)
-                        elif fs.kind == "dir":
-                            if t[4:] != (fs.mode, fs.uid, fs.gid):
-                                changed.add(rel)
-                        elif t[1:] != (fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid):
-                            changed.add(rel)
-                    changed.update(known)  # indexed here but gone from disk
+                        entries.append((rel, fs))
+                        if len(entries) >= SCAN_PAGE:
+                            compare(entries)
+                            entries = []
+                    compare(entries)
+                    changed.update(rel for rel in LocalState.children(db, self.name, d)
+                                   if rel not in names)  # indexed here but gone from disk
                     if len(changed) >= FLUSH_MAX:
                         hand_over()
                 hand_over()

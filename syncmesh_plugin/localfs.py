@@ -88,16 +88,22 @@ def lstat(root: str, rel: str) -> FileStat | None:
 
 def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
              sweep_before_ns: int = 0) -> list[tuple[str, FileStat]]:
+    """`iter_dir` as a list."""
+    return list(iter_dir(root, base, ignored, sweep_before_ns))
+
+
+def iter_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
+             sweep_before_ns: int = 0) -> Iterator[tuple[str, FileStat]]:
     """The entries of one directory below root (never following symlinks), minus ignored and internal
-    names; a directory that vanished or cannot be read has none.
+    names, as they are read (a directory of 50,000 entries is never held whole); a directory that
+    vanished or cannot be read has none.
 
     With `sweep_before_ns`, temp files of an apply interrupted before that time (a daemon killed
     mid-transfer) are removed: their ctime tells them from the running daemon's own."""
-    out: list[tuple[str, FileStat]] = []
     try:
         it = os.scandir(os.path.join(root, base) if base else root)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return out
+        return
     with it:
         for entry in it:
             name = entry.name
@@ -116,15 +122,14 @@ def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
                 continue
             if fs.kind == "other" or ignored(rel, fs.kind == "dir"):
                 continue
-            out.append((rel, fs))
-    return out
+            yield rel, fs
 
 
 def walk(root: str, ignored: Callable[[str, bool], bool]) -> Iterator[tuple[str, FileStat]]:
     """Every entry below root (never following symlinks), skipping ignored and internal names."""
     stack = [""]
     while stack:
-        for rel, fs in list_dir(root, stack.pop(), ignored):
+        for rel, fs in iter_dir(root, stack.pop(), ignored):
             yield rel, fs
             if fs.kind == "dir":
                 stack.append(rel)

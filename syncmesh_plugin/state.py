@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,13 +238,24 @@ class LocalState:
         return db
 
     @staticmethod
-    def children_stats(db: sqlite3.Connection, volume: str, parent: str
-                       ) -> dict[str, tuple[str, int, int, int, int, int, int]]:
-        """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of the live entries of one directory:
-        rescans compare one directory at a time, so memory follows the widest directory, not the volume."""
-        return {r[0]: r[1:] for r in db.execute(
-            "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files "
-            "WHERE volume=? AND parent=? AND kind != 'deleted'", (volume, parent))}
+    def stats_for(db: sqlite3.Connection, volume: str, paths: Sequence[str]
+                  ) -> dict[str, tuple[str, int, int, int, int, int, int]]:
+        """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of those of `paths` indexed live: a rescan
+        compares the disk with the index a few hundred entries at a time."""
+        out: dict[str, tuple[str, int, int, int, int, int, int]] = {}
+        for i in range(0, len(paths), 500):
+            part = paths[i:i + 500]
+            out.update((r[0], r[1:]) for r in db.execute(
+                "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files WHERE volume=? AND path IN "
+                f"({','.join('?' * len(part))}) AND kind != 'deleted'", (volume, *part)))
+        return out
+
+    @staticmethod
+    def children(db: sqlite3.Connection, volume: str, parent: str) -> Iterator[str]:
+        """Paths of the live index entries of one directory, read as they are iterated."""
+        for (path,) in db.execute("SELECT path FROM files WHERE volume=? AND parent=? AND kind != 'deleted'",
+                                  (volume, parent)):
+            yield path
 
     def begin_seen(self) -> None:
         """A scratch table of the paths a full reconcile read from etcd (kept on disk, not in memory)."""

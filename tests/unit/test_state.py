@@ -194,14 +194,18 @@ def test_files_prefix_with_sql_wildcards_is_literal(st: LocalState) -> None:
     assert [r.path for r in st.files("v", "a%")] == ["a%", "a%/x"]
 
 
-def test_children_stats_are_per_directory(st: LocalState) -> None:
+def test_children_and_stats_for_a_rescan(st: LocalState) -> None:
     st.put_files([rec("a", size=10), rec("d", kind="dir"), rec("d/x", size=3), rec("d/e/y", size=4),
-                  rec("gone", kind="deleted")])
+                  rec("gone", kind="deleted")] + [rec(f"w/f{i}") for i in range(1200)])
     db = st.reader()
     try:
-        assert set(LocalState.children_stats(db, "v", "")) == {"a", "d"}
-        assert LocalState.children_stats(db, "v", "d")["d/x"][:2] == ("file", 3)
-        assert set(LocalState.children_stats(db, "v", "d/e")) == {"d/e/y"}
+        assert set(LocalState.children(db, "v", "")) == {"a", "d"}  # tombstones are not live
+        assert set(LocalState.children(db, "v", "d/e")) == {"d/e/y"}
+        stats = LocalState.stats_for(db, "v", ["d/x", "gone", "nope", "d"])
+        assert set(stats) == {"d/x", "d"} and stats["d/x"][:2] == ("file", 3)
+        wide = [f"w/f{i}" for i in range(1200)]  # more than one IN (...) query
+        assert len(LocalState.stats_for(db, "v", wide)) == 1200
+        assert sum(1 for _ in LocalState.children(db, "v", "w")) == 1200
     finally:
         db.close()
 
