@@ -516,25 +516,28 @@ class VolumeWatcher:
                 log.debug("%s is an alias of already watched %s; not descending", d_rel, known)
                 continue
             try:
+                # Read as listed, never held whole (the DirEntry objects of a 50,000-entry directory
+                # are ~25 MB), and without a report only subdirectories matter.
                 with os.scandir(path) as it:
-                    entries = list(it)
+                    for entry in it:
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            is_dir = False
+                        if not (is_dir or report):
+                            continue
+                        c_rel = _join(d_rel, entry.name)
+                        if self._skip(c_rel):
+                            continue
+                        if report:
+                            self._mark(c_rel)
+                        if is_dir:
+                            stack.append((c_rel, wd))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
                 log.warning("cannot list %s: %s", path, e)
                 continue
-            for entry in entries:
-                c_rel = _join(d_rel, entry.name)
-                if self._skip(c_rel):
-                    continue
-                if report:
-                    self._mark(c_rel)
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_dir = False
-                if is_dir:
-                    stack.append((c_rel, wd))
 
     def _resync(self) -> None:
         """After an overflow the wd map may be stale (missed renames/mkdirs): rebuild it from disk."""
