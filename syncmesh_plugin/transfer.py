@@ -465,6 +465,11 @@ class PeerClient:
             attempt.error, attempt.retryable = exc, True
         except (_ProtocolError, _RejectedError) as exc:
             attempt.error, attempt.retryable = exc, False
+        except TimeoutError as exc:
+            # A peer that accepted the request and then said nothing (frozen, swapping, a half-open
+            # link): asking it again at once would only cost another timeout while the caller's
+            # other changes wait. The next peer is tried; the caller defers and retries later.
+            attempt.error, attempt.retryable = exc, False
         except _TRANSPORT_ERRORS as exc:
             attempt.error, attempt.retryable = exc, True
         return attempt

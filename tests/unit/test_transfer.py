@@ -400,6 +400,25 @@ async def test_trickling_peer_bounded_by_timeout(session: aiohttp.ClientSession)
         assert await pc.fetch(VOLUME, list(chunks), [hostile, good]) == chunks
 
 
+async def test_a_silent_peer_is_not_asked_again_within_one_fetch(session: aiohttp.ClientSession) -> None:
+    """A frozen peer (accepts, never answers) costs one timeout per fetch, not one per retry: the
+    caller's later changes wait behind it (the engine defers the file and retries later)."""
+    chunks = make_chunks(2, 1000, compressible=False)
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    metrics = TransferMetrics()
+    async with serve(handler_app(silent)) as frozen, serve(chunk_app(DictSource(chunks))) as good:
+        pc = client(session, retries=3, request_timeout=0.3, metrics=metrics)
+        start = time.monotonic()
+        assert await pc.fetch(VOLUME, list(chunks), [frozen]) == {}
+        assert time.monotonic() - start < 0.9  # 4 attempts would need 1.2 s and more
+        assert metrics.requests == 1 and metrics.retries == 0
+        assert await pc.fetch(VOLUME, list(chunks), [frozen, good]) == chunks
+
+
 async def test_oversized_frame_and_unknown_ids_rejected(session: aiohttp.ClientSession) -> None:
     chunks = make_chunks(2, 1000, compressible=False)
     ids = list(chunks)
