@@ -265,11 +265,12 @@ class _Breaker:
         self.failures = 0
         self.trial_in_flight = False
 
-    def record_failure(self, now: float) -> None:
+    def record_failure(self, now: float, trip: bool = False) -> None:
+        """Count a failure; `trip` opens the breaker at once (a peer that stopped answering)."""
         self.failures += 1
         was_trial = self.state == HALF_OPEN
         self.trial_in_flight = False
-        if was_trial or self.failures >= self.threshold:
+        if was_trial or trip or self.failures >= self.threshold:
             self.state = OPEN
             self.opened_at = now
 
@@ -433,7 +434,9 @@ class PeerClient:
                 attempt = await self._attempt(peer, volume, ids, compress)
                 if attempt.error is not None or attempt.corrupt > 0:
                     self.metrics.failures += 1
-                    breaker.record_failure(time.monotonic())
+                    # Silence (a timeout) opens the breaker at once: every later wave would otherwise
+                    # wait out its own timeout on a frozen peer before the threshold is reached.
+                    breaker.record_failure(time.monotonic(), trip=isinstance(attempt.error, TimeoutError))
                 else:
                     breaker.record_success()
                 settled = True
@@ -468,7 +471,8 @@ class PeerClient:
         except TimeoutError as exc:
             # A peer that accepted the request and then said nothing (frozen, swapping, a half-open
             # link): asking it again at once would only cost another timeout while the caller's
-            # other changes wait. The next peer is tried; the caller defers and retries later.
+            # other changes wait. The next peer is tried; the caller defers and retries later, and
+            # the peer's breaker opens (see _guarded_attempt) until a trial request gets an answer.
             attempt.error, attempt.retryable = exc, False
         except _TRANSPORT_ERRORS as exc:
             attempt.error, attempt.retryable = exc, True

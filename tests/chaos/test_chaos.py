@@ -272,12 +272,9 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     s.heal_now()
     s.expect(flowed, "stall", f"changes between reachable nodes stalled while the sole holder was away "
                               f"({took:.0f}s for one small file from n3 to n2)")
-    conclude(s, timeout=s.converge_timeout, known={"stall": (
-        "engine limit: a frozen (not dead) peer delays other changes on every node: the watch is applied in "
-        "order, and while a wave waits for the frozen peer's chunks (read timeouts and retries, 10-20 s until "
-        "its circuit opens) later changes from reachable nodes wait behind it (publishing is not blocked: the "
-        "fetch runs without the volume lock)",
-        lambda: all("frozen" in text or how == "sigstop" for kind, text in s.extra if kind == "stall"))})
+    # A frozen holder costs one read timeout (5 s) per fetch: the wave defers the file and later
+    # changes flow; it used to cost a timeout per retry (10-20 s), an xfail until then.
+    conclude(s, timeout=s.converge_timeout)
 
 
 # ------------------------------------------------------------------------------------------ disk full

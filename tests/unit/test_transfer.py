@@ -416,7 +416,10 @@ async def test_a_silent_peer_is_not_asked_again_within_one_fetch(session: aiohtt
         assert await pc.fetch(VOLUME, list(chunks), [frozen]) == {}
         assert time.monotonic() - start < 0.9  # 4 attempts would need 1.2 s and more
         assert metrics.requests == 1 and metrics.retries == 0
+        assert pc.breaker_state(frozen) == "open"  # the next waves skip it instead of timing out again
+        start = time.monotonic()
         assert await pc.fetch(VOLUME, list(chunks), [frozen, good]) == chunks
+        assert time.monotonic() - start < 0.25 and metrics.requests == 2
 
 
 async def test_oversized_frame_and_unknown_ids_rejected(session: aiohttp.ClientSession) -> None:
