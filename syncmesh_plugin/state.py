@@ -71,6 +71,15 @@ _FILE_COLS = ("volume", "path", "kind", "size", "mtime_ns", "ctime_ns", "inode",
               "digest", "chunks", "target", "rev", "origin", "published", "parent")
 
 
+def _select_paths(db: sqlite3.Connection, columns: str, volume: str, paths: Sequence[str],
+                  where: str = "") -> Iterator[Any]:
+    """Rows of the given paths, queried 500 at a time (SQLite bounds the parameters of one query)."""
+    for i in range(0, len(paths), 500):
+        part = paths[i:i + 500]
+        yield from db.execute(f"SELECT {columns} FROM files WHERE volume=? AND path IN "
+                              f"({','.join('?' * len(part))}){where}", (volume, *part))
+
+
 def _row_to_file(row: sqlite3.Row) -> FileRecord:
     return FileRecord(
         volume=row["volume"], path=row["path"], kind=row["kind"], size=row["size"], mtime_ns=row["mtime_ns"],
@@ -197,24 +206,11 @@ class LocalState:
 
     def files_for(self, volume: str, paths: Iterable[str]) -> dict[str, FileRecord]:
         """Index records of many paths in a few queries (a burst of thousands of files)."""
-        out: dict[str, FileRecord] = {}
-        plist = list(paths)
-        for i in range(0, len(plist), 500):
-            part = plist[i:i + 500]
-            q = f"SELECT * FROM files WHERE volume=? AND path IN ({','.join('?' * len(part))})"
-            for row in self.db.execute(q, (volume, *part)):
-                out[row["path"]] = _row_to_file(row)
-        return out
+        return {row["path"]: _row_to_file(row) for row in _select_paths(self.db, "*", volume, list(paths))}
 
     def revisions_for(self, volume: str, paths: Iterable[str]) -> dict[str, int]:
         """The indexed revision of many paths (absent: not indexed); cheaper than `files_for`."""
-        out: dict[str, int] = {}
-        plist = list(paths)
-        for i in range(0, len(plist), 500):
-            part = plist[i:i + 500]
-            q = f"SELECT path, rev FROM files WHERE volume=? AND path IN ({','.join('?' * len(part))})"
-            out.update(self.db.execute(q, (volume, *part)).fetchall())
-        return out
+        return {row[0]: row[1] for row in _select_paths(self.db, "path, rev", volume, list(paths))}
 
     def files_page(self, volume: str, prefix: str = "", after: str = "", limit: int = 100,
                    deleted: bool = False) -> list[FileRecord]:
@@ -242,13 +238,8 @@ class LocalState:
                   ) -> dict[str, tuple[str, int, int, int, int, int, int]]:
         """path -> (kind, size, mtime_ns, inode, mode, uid, gid) of those of `paths` indexed live: a rescan
         compares the disk with the index a few hundred entries at a time."""
-        out: dict[str, tuple[str, int, int, int, int, int, int]] = {}
-        for i in range(0, len(paths), 500):
-            part = paths[i:i + 500]
-            out.update((r[0], r[1:]) for r in db.execute(
-                "SELECT path, kind, size, mtime_ns, inode, mode, uid, gid FROM files WHERE volume=? AND path IN "
-                f"({','.join('?' * len(part))}) AND kind != 'deleted'", (volume, *part)))
-        return out
+        return {r[0]: tuple(r[1:]) for r in _select_paths(db, "path, kind, size, mtime_ns, inode, mode, uid, gid",
+                                                          volume, paths, " AND kind != 'deleted'")}
 
     @staticmethod
     def children(db: sqlite3.Connection, volume: str, parent: str) -> Iterator[str]:
