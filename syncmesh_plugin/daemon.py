@@ -282,6 +282,12 @@ class Daemon:
                 urls.append(url)
         return urls
 
+    def peer_back(self, advertise: str) -> None:
+        """A peer joined or restarted: ask it at once for the chunks deferred changes wait for."""
+        if self.peer_client is not None and advertise:
+            self.peer_client.forget_failures(advertise)
+        self.engine.retry_deferred_now()
+
     async def _fetch(self, volume: str, ids: list[str], peers: list[str]) -> dict[str, bytes]:
         assert self.peer_client is not None
         tm = self.transfer_metrics

@@ -41,6 +41,7 @@ class Ops:
         self.nodes_at = 0.0
         self.leader = ""
         self._known_nodes: set[str] | None = None
+        self._started: dict[str, Any] = {}  # node -> started_at: a change means the daemon restarted
         self._applied: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, tuple[int, int]] = {}
         self._summary_at = time.monotonic()
@@ -76,16 +77,22 @@ class Ops:
         self.leader = self.d.housekeeper.leader  # elected in etcd (see housekeeping.py)
         live = set(nodes)
         if self._known_nodes is not None:
-            for n in sorted(live - self._known_nodes):
-                if n != self.node:
+            for n in sorted(live):
+                started = nodes[n].get("started_at")
+                if n == self.node or (n in self._known_nodes and self._started.get(n) in (None, started)):
+                    continue
+                if n not in self._known_nodes:
                     log.info("peer %s up (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
                     self.emit("peer_up", {"node": n, "advertise": nodes[n].get("advertise", "")})
-                    self.d.engine.retry_deferred_now()  # the chunks we wait for may be on it
+                else:  # restarted within its lease's lifetime: never seen down
+                    log.info("peer %s restarted (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
+                self.d.peer_back(str(nodes[n].get("advertise", "")))
             for n in sorted(self._known_nodes - live):
                 if n != self.node:
                     log.info("peer %s down", n, extra={"peer": n})
                     self.emit("peer_down", {"node": n})
         self._known_nodes = live
+        self._started = {n: rec.get("started_at") for n, rec in nodes.items()}
 
     def progress(self, name: str) -> dict[str, Any] | None:
         vs = self.d.engine.volumes.get(name) if self.d.engine else None

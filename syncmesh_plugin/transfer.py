@@ -349,6 +349,10 @@ class PeerClient:
 
     # -- public ------------------------------------------------------------------------------------
 
+    def forget_failures(self, peer: str) -> None:
+        """The peer came back (a new process): its past failures say nothing about it now."""
+        self._breakers.pop(_normalize_peer(peer), None)
+
     def breaker_state(self, peer: str) -> str:
         """'closed', 'open' or 'half-open' for ``peer`` (unknown peers are closed)."""
         breaker = self._breakers.get(_normalize_peer(peer))

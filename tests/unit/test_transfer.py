@@ -420,6 +420,8 @@ async def test_a_silent_peer_is_not_asked_again_within_one_fetch(session: aiohtt
         start = time.monotonic()
         assert await pc.fetch(VOLUME, list(chunks), [frozen, good]) == chunks
         assert time.monotonic() - start < 0.25 and metrics.requests == 2
+        pc.forget_failures(frozen + "/")  # it came back as a new process: asked again at once
+        assert pc.breaker_state(frozen) == "closed"
 
 
 async def test_oversized_frame_and_unknown_ids_rejected(session: aiohttp.ClientSession) -> None:
