@@ -443,10 +443,9 @@ class VolumeSync:
                 self._drained.clear()
                 await self._drained.wait()
             if batch.events:
+                # Filtered against the index without the lock (_unseen); _apply checks again under it.
                 items = [p for ev in self._unseen(batch.events)
                          if (p := self._parse(ev.key, ev.value or b"", ev.mod_revision)) is not None]
-                if items:
-                    items = self._not_applied(items)
                 if items:
                     async with self.lock:
                         await self._apply(items)
@@ -893,16 +892,21 @@ class VolumeSync:
                        recs: dict[str, FileRecord]) -> None:
         store = self.store
         items = [(store.file_key(self.name, p), m.encode(), r.rev if (r := recs.get(p)) else 0) for p, m, _ in batch]
-        ok, rev = await store.cas_put_many(items, store.head_key(self.name))
+        ok, rev = await self._cas(items)
         if ok:
             self._published(batch, rev)
             return
         for one, item in zip(batch, items, strict=True):  # someone else changed one of them: find which
-            ok, rev = await store.cas_put_many([item], store.head_key(self.name))
+            ok, rev = await self._cas([item])
             if ok:
                 self._published([one], rev)
             else:
                 await self._conflict(one[0], one[1], one[2])
+
+    async def _cas(self, items: list[tuple[bytes, bytes, int]]) -> tuple[bool, int]:
+        """Every publish to the volume: compare-and-swap of manifests, rewriting the volume's head key
+        in the same transaction (how `latest_revision` knows the latest change without a range read)."""
+        return await self.store.cas_put_many(items, self.store.head_key(self.name))
 
     def _published(self, batch: list[tuple[str, Manifest, FileStat | None]], rev: int) -> None:
         self.state.put_files(_record(self.name, p, m, fs, rev) for p, m, fs in batch)
@@ -938,7 +942,7 @@ class VolumeSync:
         for _ in range(10):
             kv = await store.get(key)
             if kv is None:
-                ok, rev = await store.cas_put_many([(key, local.encode(), 0)], store.head_key(self.name))
+                ok, rev = await self._cas([(key, local.encode(), 0)])
                 if ok:
                     self._published([(rel, local, fs)], rev)
                     return
@@ -969,7 +973,7 @@ class VolumeSync:
                     remote.ts = time.time()
                     ops.append((store.file_key(self.name, copy), remote.encode(), 0))
                 ops.append((key, local.encode(), kv.mod_revision))
-                ok, rev = await store.cas_put_many(ops, store.head_key(self.name))
+                ok, rev = await self._cas(ops)
                 if not ok:
                     continue
                 self._published([(rel, local, fs)], rev)

@@ -86,12 +86,6 @@ def lstat(root: str, rel: str) -> FileStat | None:
         os.close(dfd)
 
 
-def list_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
-             sweep_before_ns: int = 0) -> list[tuple[str, FileStat]]:
-    """`iter_dir` as a list."""
-    return list(iter_dir(root, base, ignored, sweep_before_ns))
-
-
 def iter_dir(root: str, base: str, ignored: Callable[[str, bool], bool],
              sweep_before_ns: int = 0) -> Iterator[tuple[str, FileStat]]:
     """The entries of one directory below root (never following symlinks), minus ignored and internal

@@ -40,8 +40,7 @@ class Ops:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.nodes_at = 0.0
         self.leader = ""
-        self._known_nodes: set[str] | None = None
-        self._started: dict[str, Any] = {}  # node -> started_at: a change means the daemon restarted
+        self._started: dict[str, Any] | None = None  # live node -> started_at (a change: it restarted)
         self._applied: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, tuple[int, int]] = {}
         self._summary_at = time.monotonic()
@@ -76,22 +75,21 @@ class Ops:
         metrics.nodes_in_cluster.set(len(nodes))
         self.leader = self.d.housekeeper.leader  # elected in etcd (see housekeeping.py)
         live = set(nodes)
-        if self._known_nodes is not None:
+        if self._started is not None:
             for n in sorted(live):
                 started = nodes[n].get("started_at")
-                if n == self.node or (n in self._known_nodes and self._started.get(n) in (None, started)):
+                if n == self.node or (n in self._started and self._started[n] in (None, started)):
                     continue
-                if n not in self._known_nodes:
+                if n not in self._started:
                     log.info("peer %s up (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
                     self.emit("peer_up", {"node": n, "advertise": nodes[n].get("advertise", "")})
                 else:  # restarted within its lease's lifetime: never seen down
                     log.info("peer %s restarted (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
                 self.d.peer_back(str(nodes[n].get("advertise", "")))
-            for n in sorted(self._known_nodes - live):
+            for n in sorted(set(self._started) - live):
                 if n != self.node:
                     log.info("peer %s down", n, extra={"peer": n})
                     self.emit("peer_down", {"node": n})
-        self._known_nodes = live
         self._started = {n: rec.get("started_at") for n, rec in nodes.items()}
 
     def progress(self, name: str) -> dict[str, Any] | None:
