@@ -26,7 +26,6 @@ __all__ = [
     "is_conflict_name",
     "is_internal_name",
     "open_parent_dir",
-    "resolve_inside",
     "validate_relpath",
 ]
 
@@ -135,20 +134,6 @@ def open_parent_dir(root: str, rel: str, create: bool) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def resolve_inside(root: str, rel: str) -> str:
-    """Return ``root/rel`` after checking that no parent of ``rel`` is a symlink.
-
-    This is a check-then-use helper for code that needs a path string (e.g. to hand to a library).
-    It cannot prevent a parent being swapped for a symlink afterwards; code writing files on behalf
-    of peers should use open_parent_dir and ``dir_fd`` instead. The last component itself may be a
-    symlink (volumes legitimately contain symlinks). FileNotFoundError propagates if a parent is
-    missing.
-    """
-    validate_relpath(rel)
-    os.close(open_parent_dir(root, rel, create=False))
-    return os.path.join(root, rel)
 
 
 def is_internal_name(name: str) -> bool:

@@ -306,18 +306,12 @@ class LocalState:
             self.db.executemany("INSERT INTO chunks (chunk_id, volume, path, off, length) VALUES (?, ?, ?, ?, ?)",
                                 rows)
 
-    def set_rev(self, volume: str, path: str, rev: int) -> None:
-        self.db.execute("UPDATE files SET rev=?, published=1 WHERE volume=? AND path=?", (rev, volume, path))
-
     def delete_files(self, volume: str, paths: Iterable[str]) -> None:
         items = [(volume, p) for p in paths]
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM files WHERE volume=? AND path=?", items)
             self.db.executemany("DELETE FROM chunks WHERE volume=? AND path=?", items)
-
-    def unpublished(self, volume: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT path FROM files WHERE volume=? AND published=0", (volume,))]
 
     def chunk_locations(self, chunk_id: str, limit: int = 8) -> list[tuple[str, str, int, int]]:
         """(volume, path, offset, length) of local files that held this chunk when last indexed."""

@@ -22,12 +22,14 @@ import random
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+
+from .volopts import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ Verify = Callable[[bytes, str], bool]
 Authorize = Callable[[web.Request], Awaitable[None]]
 
 CHUNK_ID_RE = re.compile(r"[0-9a-f]{32}")
-VOLUME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 VOLUME_MAX_LEN = 255
 
 RECORD_HEADER = struct.Struct(">16sBI")
@@ -73,7 +74,7 @@ def is_valid_chunk_id(chunk_id: str) -> bool:
 def is_valid_volume(volume: str) -> bool:
     """Volume names go into URLs and storage paths; reject anything that could traverse or inject."""
     return (
-        isinstance(volume, str) and len(volume) <= VOLUME_MAX_LEN and VOLUME_RE.fullmatch(volume) is not None
+        isinstance(volume, str) and len(volume) <= VOLUME_MAX_LEN and NAME_RE.fullmatch(volume) is not None
     )
 
 
@@ -579,17 +580,3 @@ def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no error"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def iter_records(payload: bytes) -> Iterator[tuple[str, int, bytes]]:
-    """Parse a complete batch body (for tools and tests that already hold it in memory)."""
-    offset = 0
-    while offset < len(payload):
-        if len(payload) - offset < RECORD_HEADER.size:
-            raise ValueError("truncated record header")
-        raw_id, status, frame_len = RECORD_HEADER.unpack_from(payload, offset)
-        offset += RECORD_HEADER.size
-        if offset + frame_len > len(payload):
-            raise ValueError("truncated frame")
-        yield raw_id.hex(), status, payload[offset : offset + frame_len]
-        offset += frame_len

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 
 from inotify_simple import Event, INotify, flags
 
-__all__ = ["TMP_PREFIX", "Changes", "VolumeWatcher", "WatchLimitError"]
+from .pathsafe import TMP_PREFIX  # the plugin's own in-flight files: never reported, never watched
+
+__all__ = ["Changes", "VolumeWatcher", "WatchLimitError"]
 
 log = logging.getLogger(__name__)
-
-#: Names the plugin uses for its own in-flight files; never reported, never watched.
-TMP_PREFIX = ".syncmesh-tmp-"
 
 _BASE_MASK = (
     flags.CLOSE_WRITE
@@ -78,13 +77,12 @@ class Changes:
     """One debounced batch of changes for the caller to reconcile.
 
     ``paths`` are relative POSIX paths that may have changed (created, written, attrib, deleted, moved in
-    or out); a path that is (or was) a directory means its whole subtree may have changed. ``moves`` are
-    ``(old_rel, new_rel)`` renames matched within one read batch; both sides are also in ``paths``.
+    or out; a rename reports both names); a path that is (or was) a directory means its whole subtree
+    may have changed.
     ``rescan`` means events were lost (overflow, watch limit, root gone): do a full rescan.
     """
 
     paths: set[str] = field(default_factory=set)
-    moves: list[tuple[str, str]] = field(default_factory=list)
     rescan: bool = False
 
 
@@ -153,7 +151,6 @@ class VolumeWatcher:
         self._kids: dict[int, set[int]] = {}
         # pending report state
         self._ready: set[str] = set()
-        self._moves: list[tuple[str, str]] = []
         self._rescan = False
         self._first_pending: float | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -300,7 +297,7 @@ class VolumeWatcher:
         if self._rescan:
             return  # a rescan is due: it lists everything, no need to remember paths
         if len(self._ready) >= _READY_MAX:
-            self._ready, self._moves, self._rescan = set(), [], True
+            self._ready, self._rescan = set(), True
             return
         self._ready.add(rel)
 
@@ -337,8 +334,6 @@ class VolumeWatcher:
             return
         self._mark(old_rel)
         self._mark(new_rel)
-        if not self._rescan:
-            self._moves.append((old_rel, new_rel))
         self._open.pop(old_rel, None)
         self._open.pop(new_rel, None)
         if not isdir:
@@ -591,7 +586,7 @@ class VolumeWatcher:
     # ------------------------------------------------------------------ timers
 
     def _schedule_flush(self) -> None:
-        if not (self._ready or self._moves or self._rescan) or self._loop is None:
+        if not (self._ready or self._rescan) or self._loop is None:
             return
         now = self._loop.time()
         if self._first_pending is None:
@@ -606,13 +601,10 @@ class VolumeWatcher:
     def _flush(self) -> None:
         self._flush_handle = None
         self._first_pending = None
-        if not (self._ready or self._moves or self._rescan):
+        if not (self._ready or self._rescan):
             return
-        changes = Changes(paths=self._ready, moves=self._moves, rescan=self._rescan)
-        self._ready, self._moves, self._rescan = set(), [], False
-        for old, new in changes.moves:
-            changes.paths.add(old)
-            changes.paths.add(new)
+        changes = Changes(paths=self._ready, rescan=self._rescan)
+        self._ready, self._rescan = set(), False
         try:
             self._on_changes(changes)
         except Exception:

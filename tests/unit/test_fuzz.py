@@ -315,8 +315,10 @@ async def _api_session(requests: list[tuple[str, str, str, bytes]]) -> None:
                                  headers={"Authorization": f"Bearer {ADMIN}"})
         payload = await resp.read()
         assert resp.status == 200
-        [(cid, status, frame)] = list(transfer.iter_records(payload))
-        assert cid == src.cid and status == transfer.STATUS_FOUND and chunker.decode_frame(frame) == src.data
+        raw_id, status, frame_len = transfer.RECORD_HEADER.unpack_from(payload)  # one record, nothing after
+        frame = payload[transfer.RECORD_HEADER.size :]
+        assert len(frame) == frame_len and raw_id.hex() == src.cid and status == transfer.STATUS_FOUND
+        assert chunker.decode_frame(frame) == src.data
     finally:
         await client.close()
 

@@ -14,7 +14,6 @@ from syncmesh_plugin.pathsafe import (
     is_conflict_name,
     is_internal_name,
     open_parent_dir,
-    resolve_inside,
     validate_relpath,
 )
 
@@ -134,8 +133,6 @@ def test_symlinked_parent_outside_root_refused(tmp_path: Path) -> None:
         with pytest.raises(PathError, match="symlink"):
             open_parent_dir(str(root), "evil/sub/passwd", create=create)
     assert list(outside.iterdir()) == []
-    with pytest.raises(PathError, match="symlink"):
-        resolve_inside(str(root), "evil/passwd")
 
 
 def test_deep_symlinked_parent_named(tmp_path: Path) -> None:
@@ -180,18 +177,6 @@ def test_open_parent_dir_does_not_leak_fds(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError):
             open_parent_dir(str(tmp_path), "missing/x", create=False)
     assert len(os.listdir("/proc/self/fd")) == before
-
-
-def test_resolve_inside(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    assert resolve_inside(str(tmp_path), "a/f") == os.path.join(str(tmp_path), "a/f")
-    # The last component may itself be a symlink: volumes contain symlinks.
-    (tmp_path / "a" / "l").symlink_to("/etc")
-    assert resolve_inside(str(tmp_path), "a/l") == os.path.join(str(tmp_path), "a/l")
-    with pytest.raises(FileNotFoundError):
-        resolve_inside(str(tmp_path), "b/f")
-    with pytest.raises(PathError):
-        resolve_inside(str(tmp_path), "/etc/passwd")
 
 
 @pytest.mark.parametrize(

@@ -218,14 +218,9 @@ def test_unseen_files_after_a_reconcile_read(st: LocalState) -> None:
     assert unseen == ["f0", "f2", "f4"]
 
 
-def test_stats_and_unpublished(st: LocalState) -> None:
+def test_volume_stats(st: LocalState) -> None:
     st.put_files([rec("a", size=10), rec("b", size=5, published=False), rec("c", kind="deleted", size=99)])
     assert st.volume_stats("v") == {"files": 2, "bytes": 15, "unpublished": 1}
-    assert st.unpublished("v") == ["b"]
-    st.set_rev("v", "b", 9)
-    assert st.unpublished("v") == []
-    r = st.file("v", "b")
-    assert r is not None and r.rev == 9 and r.published is True
 
 
 def test_delete_files(st: LocalState) -> None:

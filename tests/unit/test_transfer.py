@@ -25,7 +25,6 @@ from syncmesh_plugin.transfer import (
     PeerClient,
     TransferMetrics,
     add_routes,
-    iter_records,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -35,6 +34,20 @@ MiB = 1024 * 1024
 
 
 # -- local stand-ins for chunker.py's frame codec and id function ------------------------------------
+
+
+def parse_batch(payload: bytes) -> list[tuple[str, int, bytes]]:
+    """A complete batch body as (id, status, frame) records; the wire format of transfer's docstring."""
+    records: list[tuple[str, int, bytes]] = []
+    offset = 0
+    while offset < len(payload):
+        assert len(payload) - offset >= RECORD_HEADER.size, "truncated record header"
+        raw_id, status, frame_len = RECORD_HEADER.unpack_from(payload, offset)
+        offset += RECORD_HEADER.size
+        assert offset + frame_len <= len(payload), "truncated frame"
+        records.append((raw_id.hex(), status, payload[offset : offset + frame_len]))
+        offset += frame_len
+    return records
 
 
 def chunk_id(data: bytes) -> str:
@@ -519,7 +532,7 @@ async def test_server_validation(session: aiohttp.ClientSession) -> None:
             "POST", f"/{VOLUME}/batch", json={"ids": [cid, "0" * 32], "compress": False}
         )
         assert status == 200
-        records = list(iter_records(raw))  # type: ignore[arg-type]
+        records = parse_batch(raw)  # type: ignore[arg-type]
         assert records == [
             (cid, STATUS_FOUND, encode_frame(chunks[cid], False)),
             ("0" * 32, STATUS_MISSING, b""),
