@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import yaml
+from prometheus_client import Counter, Gauge, Histogram, Summary
+from prometheus_client.metrics import MetricWrapperBase
 
 from syncmesh_plugin import logs, metrics
 
@@ -71,14 +73,84 @@ def test_scrape_config_parses():
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"]
 
 
-def test_metric_names_have_prefix_units_and_bounded_labels():
-    allowed = {"kind", "mode", "reason", "op", "volume", "peer", "source", "method", "result"}
+#: Label names a metric may carry: each has a bounded set of values (never a path or a chunk id).
+ALLOWED_LABELS = {"kind", "mode", "reason", "op", "volume", "peer", "source", "method", "result"}
+#: Spellings of a unit that is not the base unit Prometheus expects (seconds, bytes).
+_NON_BASE_UNITS = re.compile(r"_(milli|micro|nano)?(ms|us|ns|millis|milliseconds|microseconds|minutes|hours|days|"
+                             r"kb|mb|gb|kib|mib|gib|kilobytes|megabytes|bits)(_|$)")
+_TIME_WORDS = re.compile(r"_(duration|latency|lag|age|elapsed|uptime)(_|$)")
+#: Byte counters named before the "unit as suffix" rule (syncmesh_<thing>_bytes_total). Renaming them breaks
+#: dashboards, so they are listed here; a new byte metric must end in _bytes / _bytes_total.
+_LEGACY_BYTE_COUNTERS = {"syncmesh_bytes_sent", "syncmesh_bytes_received", "syncmesh_bytes_reused_locally",
+                         "syncmesh_bytes_inline"}
+
+
+def _wrappers() -> list[MetricWrapperBase]:
+    found = [v for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)]
+    registered = {f.name for f in metrics.REGISTRY.collect() if not f.name.startswith(("process_", "python_"))}
+    declared = {m.name for w in found for m in w.describe()}
+    assert declared == registered, f"metrics registered outside syncmesh_plugin.metrics: {registered - declared}"
+    return found
+
+
+def _record(w: MetricWrapperBase, child: MetricWrapperBase) -> None:
+    if isinstance(child, Counter):
+        child.inc()
+    elif isinstance(child, Gauge):
+        child.set(1)
+    elif isinstance(child, Histogram | Summary):
+        child.observe(0.1)
+    else:
+        raise AssertionError(f"{w}: unknown metric type {type(child).__name__}")
+
+
+def test_every_family_has_bounded_labels_even_before_a_value_is_recorded():
+    """Declared label names are checked for every family, and each labelled family records one value so
+    its samples (what a scrape shows) are checked too: a family with no sample yet is not skipped."""
+    labelled = 0
+    for w in _wrappers():
+        names = tuple(w._labelnames)
+        assert set(names) <= ALLOWED_LABELS, (w.describe()[0].name, names)
+        if not names:
+            continue
+        labelled += 1
+        values = [f"probe-{n}" for n in names]
+        child = w.labels(*values)
+        try:
+            _record(w, child)
+            [fam] = [f for f in metrics.REGISTRY.collect() if f.name == w.describe()[0].name]
+            probe = [s for s in fam.samples if s.labels.get(names[0]) == values[0]]
+            assert probe, f"{fam.name}: recorded a value but the scrape shows no sample"
+            for sample in probe:
+                assert set(sample.labels) - {"le", "quantile"} == set(names), (fam.name, sample.labels)
+        finally:
+            w.remove(*values)
+    assert labelled >= 12  # 12 labelled families today: the check above did run for each of them
+
+
+def test_metric_names_have_prefix_and_units_consistent_with_type():
+    for w in _wrappers():
+        [fam] = w.describe()
+        name, kind = fam.name, fam.type
+        assert name.startswith("syncmesh_"), name
+        assert not _NON_BASE_UNITS.search(name), f"{name}: use base units (seconds, bytes)"
+        # prometheus_client strips a counter's _total and adds it back on export: a family name never has it
+        assert not name.endswith("_total"), f"{name}: only counters end in _total, and only when exported"
+        if kind in ("histogram", "summary"):
+            assert name.endswith(("_seconds", "_bytes")), f"{name}: a {kind} observes a unit; name it"
+        if _TIME_WORDS.search(name) or "seconds" in name:
+            assert name.endswith("_seconds"), f"{name}: a time is in seconds and says so at the end"
+        if "bytes" in name and name not in _LEGACY_BYTE_COUNTERS:
+            assert name.endswith("_bytes"), f"{name}: a size is in bytes and says so at the end"
+    # The exposition (what Prometheus scrapes) agrees: counter samples end in _total, nothing else does.
     for fam in metrics.REGISTRY.collect():
         if fam.name.startswith(("process_", "python_")):
             continue
-        assert fam.name.startswith("syncmesh_"), fam.name
         for s in fam.samples:
-            assert set(s.labels) - {"le"} <= allowed, (fam.name, s.labels)  # never a path or a chunk id
+            if fam.type == "counter":
+                assert s.name.endswith(("_total", "_created")), s.name
+            else:
+                assert not s.name.endswith("_total"), s.name
 
 
 def test_json_log_lines_carry_node_and_fields():
