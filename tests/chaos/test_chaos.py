@@ -62,53 +62,13 @@ def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., S
         s.close()
 
 
-def conclude(s: Scenario, timeout: float = 120.0, known: dict[str, tuple[str, Callable[[], bool]]] | None = None,
-             ) -> dict[str, Any]:
-    """Check the invariants; fail, or xfail when every broken invariant is a diagnosed engine bug.
-
-    known: kind (divergent, lost, temp) -> (reason, evidence): the xfail applies only if the evidence
-    (e.g. the daemon log line that shows the diagnosed cause) is there, so anything else still fails.
-    """
+def conclude(s: Scenario, timeout: float = 120.0) -> dict[str, Any]:
+    """Check the invariants and fail on any broken one (there are no expected failures)."""
     row = s.finish(timeout)
     record(row)
     log(f"{s.name} seed {s.seed}: {row}")
-    if row["problems"]:
-        known = {**known_lost_without_copy(s), **(known or {})}
-        diagnosed = [known[k] for k in row["kinds"] if k in known and known[k][1]()]
-        if len(diagnosed) == len(row["kinds"]):
-            row["xfail"] = True
-            pytest.xfail(" | ".join(r for r, _ in diagnosed) + " -- observed: " + " / ".join(row["problems"])[:1500])
     assert not row["problems"], "\n".join(row["problems"])
     return row
-
-
-def known_lost_without_copy(s: Scenario) -> dict[str, tuple[str, Callable[[], bool]]]:
-    """Diagnosed: completed writes lost because a conflict winner skipped the loser's conflict copy."""
-
-    def evidence() -> bool:
-        logs = [n.log() for n in s.nodes]
-        return bool(s.verdict.lost) and all(
-            any(f"conflict on {w.path}: the other version (from {w.writer.split('-')[0]}) was never available" in lg
-                for lg in logs) for w in s.verdict.lost)
-
-    return {"lost": (
-        "engine bug: VolumeSync._conflict treats a remote version that is merely in self.deferred (one failed "
-        "fetch, e.g. origin restarting, or fetched in the moment between the origin's etcd commit and its local "
-        "index update) as 'never available from any peer', publishes its overwrite without the conflict copy, and "
-        "the origin then applies the winner over its only copy: a completed write is lost", evidence)}
-
-
-def known_temp_after_restart(s: Scenario, restarted: list[Any]) -> dict[str, tuple[str, Callable[[], bool]]]:
-    """Diagnosed: temp files of an interrupted apply are never swept by the restarted daemon."""
-
-    def evidence() -> bool:
-        left = {n.name: temp_files(n.vol(s.volume)) for n in s.nodes}
-        return any(left.values()) and all(not t or any(r.name == name for r in restarted) for name, t in left.items())
-
-    return {"temp": (
-        "engine bug: a daemon stopped (SIGKILL, or SIGTERM mid-apply) while staging a file leaves its "
-        ".syncmesh-tmp-* file behind; the restarted daemon never removes it (walk() skips temp names; they are "
-        "only unlinked when their directory is deleted)", evidence)}
 
 
 def first_temp(nodes: list[Any], volume: str) -> Any:
@@ -145,8 +105,7 @@ def test_sigkill_mid_transfer(scenario, seed, short):
     s.heal_now()
     s.expect_after(lambda: all((n.vol(s.volume) / "large/big.bin").read_bytes() == data for n in s.nodes),
                    "large", "the large file is not intact on every node")
-    conclude(s, timeout=s.converge_timeout,
-             known={**known_temp_after_restart(s, [victim]), **known_lost_without_copy(s)})
+    conclude(s, timeout=s.converge_timeout)
 
 
 # ------------------------------------------------------------------------------------------ etcd
@@ -272,8 +231,7 @@ def test_peer_unreachable_sole_holder(scenario, seed, short):
     s.heal_now()
     s.expect(flowed, "stall", f"changes between reachable nodes stalled while the sole holder was away "
                               f"({took:.0f}s for one small file from n3 to n2)")
-    # A frozen holder costs one read timeout (5 s) per fetch: the wave defers the file and later
-    # changes flow; it used to cost a timeout per retry (10-20 s), an xfail until then.
+    # A frozen holder costs one read timeout (5 s) per fetch: the wave defers the file and later changes flow.
     conclude(s, timeout=s.converge_timeout)
 
 
@@ -318,12 +276,7 @@ def test_disk_full(scenario, seed, short):
     ballast.unlink()
     log("space freed")
     s.heal_now()
-    conclude(s, timeout=s.converge_timeout, known={"divergent": (
-        "engine bug: a remote change whose local write fails with ENOSPC is dropped (_apply_wave -> "
-        "localfs.stage raises OSError -> _reject(): logged 'cannot apply ... [Errno 28]', not deferred); the "
-        "stored watch revision moves past it and nothing retries it after space is freed, so the node that was "
-        "full stays divergent",
-        lambda: any("cannot apply" in ln and "No space left" in ln for ln in b.log().splitlines()))})
+    conclude(s, timeout=s.converge_timeout)
 
 
 # ------------------------------------------------------------------------------------------ restart
@@ -344,4 +297,4 @@ def test_plugin_restart_under_writes(scenario, seed, short):
         s.sleep(s.rng.uniform(1, 3))
     s.notes.append("n2 restarts: " + ", ".join(how))
     s.heal_now()
-    conclude(s, timeout=s.converge_timeout, known=known_temp_after_restart(s, [b]))
+    conclude(s, timeout=s.converge_timeout)
