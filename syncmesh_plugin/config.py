@@ -77,6 +77,7 @@ class SyncConfig:
     debounce: Duration = Duration(0.005)
     mass_delete_threshold: float = 0.5
     mass_delete_min_files: int = 20
+    mass_delete_window: Duration = Duration(10.0)
     max_manifest_bytes: int = 512 * 1024
 
 
@@ -289,6 +290,9 @@ def _validate(cfg: Config) -> Config:
     if not 0 < cfg.sync.mass_delete_threshold <= 1:
         raise bad("sync.mass_delete_threshold", "a share of the volume in (0, 1], e.g. 0.5",
                   cfg.sync.mass_delete_threshold)
+    if not 0.5 <= cfg.sync.mass_delete_window <= 3600:
+        raise bad("sync.mass_delete_window", "a duration between 0.5s and 1h, e.g. 10s",
+                  f"{cfg.sync.mass_delete_window}s")
     if not 1024 <= cfg.sync.max_manifest_bytes <= 1024 * 1024:
         raise bad("sync.max_manifest_bytes", "bytes between 1024 and 1048576 (etcd's value limit is 1.5 MiB)",
                   cfg.sync.max_manifest_bytes)

@@ -151,6 +151,7 @@ class Daemon:
             keep_copies_default=self.cfg.sync.keep_conflict_copies, interval=float(self.cfg.sync.interval),
             debounce=float(self.cfg.sync.debounce), mass_delete_threshold=self.cfg.sync.mass_delete_threshold,
             mass_delete_min_files=self.cfg.sync.mass_delete_min_files,
+            mass_delete_window=float(self.cfg.sync.mass_delete_window),
             max_manifest_bytes=self.cfg.sync.max_manifest_bytes,
             get_store=lambda: self.store, etcd_ready=self.etcd_ready,
             fetch=self._fetch, peers=self._peers, emit=self.ops.emit)

@@ -22,7 +22,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +35,8 @@ from .meta import MAX_TXN_OPS, EtcdStore, EtcdUnavailable, ResyncRequired, Watch
 from .meta import loads as meta_loads
 from .pathsafe import PathError, conflict_name, is_internal_name, validate_relpath
 from .state import BLOB_PREFIX, FileRecord, LocalState
+from .sync.decide import differs
+from .sync.guard import DeleteGuard, Entry
 from .volopts import VolumeOptions
 from .watcher import Changes, VolumeWatcher, max_user_instances
 
@@ -52,8 +53,6 @@ TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EM
 DEFER_MAX = 5000  # remote changes waiting for unavailable chunks before the watch is no longer read
 DIRTY_MAX = 65536  # changed paths remembered before a rescan takes over (see _on_changes)
 REFRESH_MAX = 256  # deferred items re-read from etcd before a retry (see VolumeSync._refreshed)
-DELETE_HOLD = 0.25  # seconds a deletion waits, so a mass delete in progress is seen whole by the guard
-DELETE_WINDOW = 10.0  # the guard counts deletions published within this window
 
 
 class FetchError(RuntimeError):
@@ -78,17 +77,11 @@ class EngineContext:
     emit: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     mass_delete_threshold: float = 0.5
     mass_delete_min_files: int = 20
+    mass_delete_window: float = 10.0
     max_manifest_bytes: int = 512 * 1024
 
 
-def _differs(rec: FileRecord, fs: FileStat) -> bool:
-    """Has the path changed on disk since the index last agreed with etcd?"""
-    if rec.kind != fs.kind:
-        return True
-    if fs.kind == "dir":
-        return (rec.mode, rec.uid, rec.gid) != (fs.mode, fs.uid, fs.gid)
-    return (rec.size, rec.mtime_ns, rec.inode, rec.mode, rec.uid, rec.gid) != (
-        fs.size, fs.mtime_ns, fs.inode, fs.mode, fs.uid, fs.gid)
+_differs = differs  # still imported by opsapi until it takes sync.decide.differs
 
 
 def _record(volume: str, rel: str, m: Manifest, fs: FileStat | None, rev: int) -> FileRecord:
@@ -210,7 +203,6 @@ class VolumeSync:
         self.lock = asyncio.Lock()
         self.ready = asyncio.Event()
         self.dirty: set[str] = set()
-        self.moves: list[tuple[str, str]] = []
         self.rescan_needed = asyncio.Event()
         self.kick = asyncio.Event()
         self.watcher: VolumeWatcher | None = None
@@ -224,16 +216,17 @@ class VolumeSync:
         self.tombstones_seen = 0  # deletions published or applied here (housekeeping skips idle volumes)
         self._drained = asyncio.Event()
         self._drained.set()
-        # Guard against mass damage: while paused nothing is published or applied for this volume,
-        # until an operator resumes it (accepting the local state, or restoring from the cluster).
-        self.paused = ""
+        # Guards against mass damage. A missing or replaced volume directory stops everything for this
+        # volume (nothing on disk can be trusted); a mass deletion holds only the deletions (the guard
+        # module). Both wait for an operator (accept the local state, or restore from the cluster).
+        self.root_problem = ""
         self._unpaused = asyncio.Event()
         self._unpaused.set()
-        self._bypass_guard = False
-        self._missing_since: dict[str, float] = {}
+        self.guard = DeleteGuard(ctx.mass_delete_threshold, ctx.mass_delete_min_files, ctx.mass_delete_window)
+        self._bypass_guard = False  # the operator accepted the local state: the next rescan publishes it all
+        self._review_at: asyncio.TimerHandle | None = None
         self._overflows_seen = 0
         self.partial: dict[str, tuple[_PartialFile, int, int]] = {}  # chunks of big files being applied
-        self._recent_deletes: deque[tuple[float, int]] = deque()
         self._side_tasks: set[asyncio.Task[None]] = set()  # conflict copies being saved
 
     # ---- lifecycle
@@ -326,15 +319,60 @@ class VolumeSync:
             return f"the volume directory {self.root} was replaced (device/inode changed)"
         return ""
 
+    @property
+    def paused(self) -> str:
+        """Why this volume waits for an operator ("" when it does not)."""
+        if self.root_problem:
+            return f"{self.root_problem}; nothing syncs until an operator decides"
+        return self.guard.paused
+
     def pause(self, reason: str) -> None:
-        if not self.paused:
-            log.error("volume %s: publishing paused: %s; run `syncmesh-plugin resume %s` (or --restore)",
-                      self.name, reason, self.name, extra={"volume": self.name})
-            self.ctx.emit("paused", {"volume": self.name, "reason": reason})
-        self.paused = reason
-        self.status.last_error = f"paused: {reason}"
+        """The volume directory cannot be trusted: stop publishing and applying until an operator decides."""
+        if not self.root_problem:
+            self._announce_pause(f"{reason}; nothing syncs until an operator decides")
+        self.root_problem = reason
+        self.status.last_error = f"paused: {self.paused}"
         self._unpaused.clear()
+
+    def _announce_pause(self, reason: str) -> None:
+        log.error("volume %s: paused: %s; run `syncmesh-plugin resume %s` to accept the local state, or "
+                  "`syncmesh-plugin resume %s --restore` to take the cluster's", self.name, reason, self.name,
+                  self.name, extra={"volume": self.name})
+        self.ctx.emit("paused", {"volume": self.name, "reason": reason})
         metrics.volume_paused.labels(self.name).set(1)
+
+    def _schedule_review(self) -> None:
+        """Wake the publisher when the held burst of deletions is due for its judgement."""
+        due = self.guard.due(time.monotonic())
+        if due is None or self.guard.paused:
+            return  # nothing held, or paused: reviewed on every flush (paths written again lift it)
+        if self._review_at is not None:
+            self._review_at.cancel()
+        self._review_at = asyncio.get_running_loop().call_later(due + 0.005, self.kick.set)
+
+    async def _review_guard(self) -> None:
+        """Judge a held burst of deletions that has settled: release it, or pause the deletions."""
+        if self.guard.due(time.monotonic()) is None:
+            return
+        held = list(self.guard.held)
+        if held:  # paths a peer deleted too, or that are back on disk, are no longer held deletions
+            recs = self.state.files_for(self.name, held)
+            back = await asyncio.to_thread(lambda: {p for p in held if localfs.lstat(self.root, p) is not None})
+            self.guard.forget(p for p in held if p in back or (r := recs.get(p)) is None or r.kind == "deleted")
+        review = self.guard.review(time.monotonic(), lambda: self.state.volume_stats(self.name)["files"])
+        if review.paused:
+            self._announce_pause(review.paused)
+            self.status.last_error = f"paused: {review.paused}"
+        if review.lifted and not self.root_problem:
+            log.warning("volume %s: mass-deletion pause lifted: the held paths were written again or fell "
+                        "below the share", self.name)
+            self.status.last_error = ""
+            metrics.volume_paused.labels(self.name).set(0)
+        if review.release:
+            self.dirty.update(review.release)
+            self.kick.set()
+        metrics.held_deletions.labels(self.name).set(len(self.guard.held))
+        self._schedule_review()
 
     async def resume(self, restore: bool = False) -> None:
         """Operator decision after a pause: accept the local state as the truth (publish it, deletions
@@ -342,14 +380,16 @@ class VolumeSync:
         async with self.lock:
             self._remember_root()
             if restore:
+                self.guard.restore()
                 self.dirty.clear()
                 self.state.delete_files(self.name, [r.path for r in self.state.files(self.name)])
                 self.state.set_synced(self.name, False)
                 self._tasks[0].cancel()  # leave the watch: the next run starts with a full reconcile
             else:
+                self.dirty.update(self.guard.accept(time.monotonic()))
                 self._bypass_guard = True
                 self.rescan_needed.set()
-            self.paused = ""
+            self.root_problem = ""
             self.status.last_error = ""
             self._unpaused.set()
             metrics.volume_paused.labels(self.name).set(0)
@@ -435,7 +475,7 @@ class VolumeSync:
     async def _follow(self, rev: int, ready_at: int) -> None:
         prefix = self.store.files_prefix(self.name)
         async for batch in self.store.watch(prefix, rev + 1):
-            if self.paused:
+            if self.root_problem:
                 await self._unpaused.wait()
             while len(self.deferred) >= DEFER_MAX:
                 # Back-pressure: peers cannot serve what we need; stop reading the watch (gRPC flow
@@ -530,7 +570,7 @@ class VolumeSync:
             for batch in self.state.unseen_files(self.name):
                 stats = await asyncio.to_thread(lambda b=batch: [localfs.lstat(self.root, r.path) for r in b])
                 collected = sorted((r.path for r, fs in zip(batch, stats, strict=True)
-                                    if fs is not None and 0 < r.rev <= horizon and not _differs(r, fs)),
+                                    if fs is not None and 0 < r.rev <= horizon and not differs(r, fs)),
                                    key=_depth, reverse=True)
                 kept = set(await asyncio.to_thread(
                     lambda c=collected: [p for p in c if not localfs.remove(self.root, p)]))
@@ -596,6 +636,14 @@ class VolumeSync:
         while True:
             await self.kick.wait()
             self.kick.clear()
+            if self.guard.due(time.monotonic()) is not None:
+                try:
+                    async with self.lock:
+                        await self._review_guard()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the held deletions stay held; the next kick judges them again
+                    log.exception("volume %s: reviewing held deletions failed", self.name)
             if not self.dirty and not self.rescan_needed.is_set():
                 continue
             if not self.ctx.etcd_ready.is_set() or self.ctx.get_store() is None:
@@ -605,7 +653,10 @@ class VolumeSync:
             try:
                 if self.rescan_needed.is_set():
                     self.rescan_needed.clear()
-                    await self._rescan("overflow")
+                    accepting = self._bypass_guard
+                    await self._rescan("accept" if accepting else "overflow")
+                    if accepting:
+                        self._bypass_guard = False
                 else:
                     await self._flush()
             except EtcdUnavailable as exc:
@@ -713,7 +764,7 @@ class VolumeSync:
             while (batch := await batches.get()) is not None:
                 room.release()
                 self.dirty.update(batch)
-                while len(self.dirty) >= FLUSH_MAX and not self.paused:
+                while len(self.dirty) >= FLUSH_MAX and not self.root_problem:
                     await self._flush()
             await self._flush()
         finally:
@@ -726,7 +777,7 @@ class VolumeSync:
     async def _flush(self) -> None:
         """Publish every dirty path: hash what changed, CAS in batched transactions."""
         async with self.lock:
-            if not self.dirty or self.paused:
+            if not self.dirty or self.root_problem:
                 return
             problem = self._root_problem()
             if problem:
@@ -756,7 +807,7 @@ class VolumeSync:
                         if rec is not None and rec.kind != "deleted":
                             out.append((p, Manifest(kind="deleted", origin=node, ts=now), None))
                         continue
-                    if rec is not None and not _differs(rec, fs):
+                    if rec is not None and not differs(rec, fs):
                         continue  # unchanged, or our own write coming back through inotify
                     src = by_inode.get((fs.inode, fs.size, fs.mtime_ns)) if fs.kind == "file" else None
                     if src is not None and rec is None and fs.size > chunker.INLINE_MAX:
@@ -775,24 +826,7 @@ class VolumeSync:
 
             built, unstable = await asyncio.to_thread(build)
             await asyncio.to_thread(self._blobify, built)
-            built, held = self._hold_deletions(built)
-            if held:
-                self.dirty.update(held)
-                asyncio.get_running_loop().call_later(DELETE_HOLD, self.kick.set)
-            deletions = sum(1 for _, m, _ in built if m.kind == "deleted")
-            if deletions and not self._bypass_guard:
-                window = time.monotonic() - DELETE_WINDOW
-                while self._recent_deletes and self._recent_deletes[0][0] < window:
-                    self._recent_deletes.popleft()
-                recent = deletions + sum(n for _, n in self._recent_deletes)
-                total = self.state.volume_stats(self.name)["files"]
-                if recent >= self.ctx.mass_delete_min_files and recent > self.ctx.mass_delete_threshold * total:
-                    self.dirty.update(paths)
-                    self.pause(f"{recent} of {total} paths would be deleted within {DELETE_WINDOW:.0f}s (more "
-                               f"than {self.ctx.mass_delete_threshold:.0%})")
-                    return
-                self._recent_deletes.append((time.monotonic(), deletions))
-            self._bypass_guard = False
+            built = self._guarded(built, recs)
             if unstable:
                 self.dirty.update(unstable)
                 asyncio.get_running_loop().call_later(0.05, self.kick.set)
@@ -806,26 +840,25 @@ class VolumeSync:
                 self.dirty.update(p for p, _, _ in built)
                 raise
 
-    def _hold_deletions(self, built: list[tuple[str, Manifest, FileStat | None]]
-                        ) -> tuple[list[tuple[str, Manifest, FileStat | None]], set[str]]:
-        """Deletions wait DELETE_HOLD after first being seen, so that an `rm -rf` in progress is judged
-        by the mass-delete guard as a whole rather than published in slices."""
+    def _guarded(self, built: list[tuple[str, Manifest, FileStat | None]], recs: dict[str, FileRecord]
+                 ) -> list[tuple[str, Manifest, FileStat | None]]:
+        """What of this flush may be published now: everything but the deletions the guard holds
+        (see sync.guard). Written paths are told to the guard first, so a rename's old paths in the
+        same flush are seen as moved, not lost."""
         now = time.monotonic()
-        keep: list[tuple[str, Manifest, FileStat | None]] = []
-        held: set[str] = set()
-        for item in built:
-            p, m, _ = item
-            if m.kind != "deleted":
-                self._missing_since.pop(p, None)
-                keep.append(item)
-                continue
-            first = self._missing_since.setdefault(p, now)
-            if now - first < DELETE_HOLD and not self._bypass_guard:
-                held.add(p)
-            else:
-                self._missing_since.pop(p, None)
-                keep.append(item)
-        return keep, held
+        self.guard.arrived(((Entry(p, m.kind, fs.inode if fs else 0, m.size, fs.mtime_ns if fs else m.mtime_ns,
+                                   m.digest), (r := recs.get(p)) is None or r.kind == "deleted")
+                            for p, m, fs in built if m.kind != "deleted"), now)
+        gone = [Entry(p, r.kind, r.inode, r.size, r.mtime_ns, r.digest)
+                for p, m, _ in built if m.kind == "deleted" and (r := recs.get(p)) is not None]
+        if not gone:
+            return built
+        verdict = self.guard.judge(gone, now, accept=self._bypass_guard)
+        if verdict.hold:
+            self._schedule_review()
+            metrics.held_deletions.labels(self.name).set(len(self.guard.held))
+            return [b for b in built if b[0] not in verdict.hold]
+        return built
 
     def _blobify(self, built: list[tuple[str, Manifest, FileStat | None]]) -> None:
         """Chunk lists too big for an etcd value (files of several GiB) are stored as a blob that peers
@@ -1052,7 +1085,7 @@ class VolumeSync:
         for it, fs in zip(todo, stats, strict=True):
             it.fs = fs
             rec = it.rec
-            locally_changed = (fs is not None and (rec is None or _differs(rec, fs))) or (
+            locally_changed = (fs is not None and (rec is None or differs(rec, fs))) or (
                 fs is None and rec is not None and rec.kind != "deleted")
             if locally_changed and not resolving:
                 await self._local_vs_remote(it)
@@ -1060,6 +1093,7 @@ class VolumeSync:
                 clean.append(it)
         if not clean:
             return
+        was_absent = {i.rel for i in clean if i.rec is None or i.rec.kind == "deleted"}
         # Parents first; deletions deepest first and after everything else.
         clean.sort(key=lambda i: (i.m.kind == "deleted", -_depth(i.rel) if i.m.kind == "deleted" else _depth(i.rel)))
         dirs = [i for i in clean if i.m.kind == "dir"]
@@ -1074,6 +1108,10 @@ class VolumeSync:
             self.state.put_files(await asyncio.to_thread(self._apply_deletes, deletes))
         done = [i for i in clean if i.rec is not None and i.rec.rev == i.rev]
         if done:
+            # Paths a peer created count as created within the guard's window (a queue consumed here).
+            self.guard.arrived(((Entry(i.rel, i.m.kind, digest=i.m.digest, size=i.m.size), i.rel in was_absent)
+                                for i in done if i.m.kind != "deleted"), time.monotonic())
+            self.guard.forget(i.rel for i in done if i.m.kind == "deleted")
             now = time.time()
             for i in done:
                 metrics.ops_applied.labels(i.m.kind).inc()
@@ -1180,7 +1218,7 @@ class VolumeSync:
             rec, m = it.rec, it.m
             # Attribute-only change: same content already here.
             if (m.kind == "file" and rec is not None and rec.kind == "file" and rec.digest == m.digest
-                    and it.fs is not None and not _differs(rec, it.fs)):
+                    and it.fs is not None and not differs(rec, it.fs)):
                 try:
                     fs = await asyncio.to_thread(localfs.set_attrs, self.root, it.rel, m)
                 except (OSError, PathError) as exc:
@@ -1216,7 +1254,7 @@ class VolumeSync:
         if srec is None or srec.kind != "file" or srec.digest != it.m.digest:
             return False
         sfs = await asyncio.to_thread(localfs.lstat, self.root, src)
-        if sfs is None or _differs(srec, sfs) or it.fs is not None:
+        if sfs is None or differs(srec, sfs) or it.fs is not None:
             return False
         try:
             await asyncio.to_thread(localfs.rename_local, self.root, src, it.rel)
@@ -1491,7 +1529,7 @@ class VolumeSync:
             "lag_seconds": round(self.status.lag_seconds, 4), "last_error": self.status.last_error,
             "watches": w.watch_count if w else 0, "watcher_degraded": bool(w and w.degraded),
             "watcher_reason": (w.degraded_reason or "") if w else "",
-            "paused": self.paused, "deferred": len(self.deferred),
+            "paused": self.paused, "deferred": len(self.deferred), **self.guard.describe(),
         }
 
     async def resync(self, path: str | None = None) -> dict[str, Any]:
@@ -1509,7 +1547,7 @@ class VolumeSync:
         async with self.lock:
             rec = self.state.file(self.name, rel)
             fs = await asyncio.to_thread(localfs.lstat, self.root, rel)
-            changed = (fs is not None and (rec is None or _differs(rec, fs))) or (
+            changed = (fs is not None and (rec is None or differs(rec, fs))) or (
                 fs is None and rec is not None and rec.kind != "deleted")
             if changed or (remote is None and fs is not None):
                 self.dirty.add(rel)
