@@ -6,14 +6,17 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hostguard
 from e2e_harness import (
-    LEGACY_SOCKET,
     ROOT,
     VENV_BIN,
     Dockerd,
@@ -31,6 +34,7 @@ from e2e_harness import (
 PLUGIN_VERSION = next(line.split('"')[1] for line in (ROOT / "syncmesh_plugin" / "__init__.py").read_text().splitlines()
                       if line.startswith("__version__"))
 TIMINGS: dict[str, float] = {}
+CHAOS_NAMES = ("smchaos", "syncmesh-chaos")  # a concurrent `make chaos` run's own namespaces, links, rules, mounts
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,19 +57,38 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{k:<40} {v:7.2f}")
 
 
+TOOLS = ("dockerd", "docker", "etcd", "busybox", "ip", "iptables", "iptables-save", "ip6tables-save", "nsenter",
+         "unshare", "mount", "umount")
+
+
 def _require(tool: str) -> None:
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} not found: run `make e2e` (it apt-installs docker.io, busybox-static, mmdebstrap, "
                     "iproute2, iptables, etcd-server)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_unchanged() -> Iterator[None]:
+    """The host's links, routes, iptables rules, mounts, /run/docker/plugins and its Docker engine's
+    objects are the same after the suite as before it (tests/hostguard.py); fails naming each change."""
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end tests need root (dockerd, network and mount namespaces, iptables)")
+    for tool in TOOLS:
+        _require(tool)
+    sweep_stale()  # what a killed earlier run left behind is not this run's doing
+    try:
+        before = hostguard.snapshot()
+    except hostguard.GuardError as exc:
+        pytest.fail(str(exc))
+    yield
+    hostguard.release_netns_dir(before)
+    diffs = hostguard.compare(before, hostguard.snapshot(), ignore=CHAOS_NAMES)
+    if diffs:
+        pytest.fail(hostguard.report("make e2e", diffs))
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("end-to-end tests need root (dockerd, network namespaces, iptables)")
-    for tool in ("dockerd", "docker", "etcd", "busybox", "ip", "iptables", "nsenter"):
-        _require(tool)
-    sweep_stale()
     d = make_tempdir("sme2e-")
     yield d
     from e2e_harness import unmount_under
@@ -81,28 +104,19 @@ def image_tar(workdir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def docker_host(workdir: Path, image_tar: Path) -> Iterator[Dockerd]:
-    """The machine's dockerd if one answers on the default socket, else a private one."""
-    existing = Dockerd(workdir / "unused")
-    existing.sock = "/var/run/docker.sock"
-    started = None
-    if os.path.exists(existing.sock) and existing.cli("version", check=False, timeout=15).returncode == 0:
-        d = existing
-        log("using the running dockerd on /var/run/docker.sock")
-    else:
-        t = time.monotonic()
-        d = started = Dockerd(workdir / "dockerd").start()
-        TIMINGS["dockerd start (private)"] = time.monotonic() - t
-        log(f"started a private dockerd on {d.sock}")
+    """A private dockerd (own network and mount namespace), also when the machine runs its own engine:
+    the tests never use the host's engine, so they cannot leave images, volumes or plugins in it."""
     t = time.monotonic()
-    d.import_busybox(image_tar)
-    TIMINGS["busybox docker import"] = time.monotonic() - t
+    d = Dockerd(workdir / "dockerd").start()
+    TIMINGS["dockerd start (private)"] = time.monotonic() - t
+    log(f"started a private dockerd on {d.sock} (netns {d.netns})")
     try:
+        t = time.monotonic()
+        d.import_busybox(image_tar)
+        TIMINGS["busybox docker import"] = time.monotonic() - t
         yield d
     finally:
-        if started is not None:
-            started.stop()
-        else:
-            d.cli("image", "rm", "-f", "syncmesh-e2e/busybox:latest", check=False)
+        d.stop()
 
 
 @pytest.fixture(scope="session")
@@ -116,21 +130,13 @@ def etcd(workdir: Path) -> Iterator[Etcd]:
 
 @pytest.fixture(scope="session")
 def legacy_plugin(workdir: Path, etcd: Etcd, docker_host: Dockerd) -> Iterator[SyncmeshProcess]:
-    """The daemon from the venv as a legacy plugin: dockerd finds /run/docker/plugins/syncmesh.sock."""
+    """The daemon from the venv as a legacy plugin: docker_host finds it as /run/docker/plugins/syncmesh.sock."""
     if not (VENV_BIN / "syncmesh-plugin").exists():
         pytest.fail("the venv is missing: run `make install`")
-    if os.path.exists(LEGACY_SOCKET):
-        with contextlib.suppress(OSError):
-            import socket
-
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(LEGACY_SOCKET)
-                pytest.fail(f"another syncmesh plugin already listens on {LEGACY_SOCKET}; stop it first")
-            finally:
-                s.close()
     t = time.monotonic()
-    p = SyncmeshProcess(workdir / "legacy", "e2e-legacy", etcd.endpoints, LEGACY_SOCKET).start()
+    # docker_host sees its plugins_dir as /run/docker/plugins; the host's own directory stays untouched.
+    sock = str(docker_host.plugins_dir / "syncmesh.sock")
+    p = SyncmeshProcess(workdir / "legacy", "e2e-legacy", etcd.endpoints, sock).start()
     TIMINGS["legacy daemon start"] = time.monotonic() - t
     try:
         yield p

@@ -12,10 +12,12 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -25,7 +27,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
-LEGACY_SOCKET = "/run/docker/plugins/syncmesh.sock"
 IMAGE = "syncmesh-e2e/busybox:latest"
 IPT_COMMENT = "syncmesh-e2e"
 
@@ -178,12 +179,31 @@ class Etcd:
 
 
 class Dockerd:
-    """A private dockerd: own data-root, exec-root, pidfile and API socket; optionally inside a netns."""
+    """A private dockerd that cannot touch the host it runs on (issue 20).
+
+    - Its own network namespace: `netns` (a simulated host's, owned by a Network), else one of its own
+      (`sme2e<pid>d<n>`, loopback only) created in start() and deleted in stop(). In the root namespace,
+      `--bridge=none` deleted the host engine's docker0 bridge.
+    - Its own mount namespace (`unshare --mount`, private propagation) with a tmpfs on /run: the
+      legacy-plugin directory /run/docker/plugins is `plugins_dir` bind-mounted from the host (so a
+      legacy plugin's socket goes in `plugins_dir`, and the managed plugins' sockets land there too),
+      a system containerd's /run/containerd/containerd.sock is not seen (dockerd starts its own), and
+      every mount dockerd makes (overlay, plugin rootfs, nsfs) lives and dies in that namespace.
+    - Own data-root, exec-root, pidfile, API socket and trust key (daemon.json's deprecated-key-path;
+      otherwise dockerd 20.10 writes /etc/docker/key.json), `--iptables=false`.
+    """
+
+    _made = 0
 
     def __init__(self, base: Path, netns: str | None = None) -> None:
         self.base = base
         self.netns = netns
+        self.own_netns = netns is None
+        if self.own_netns:
+            Dockerd._made += 1
+            self.netns = f"sme2e{os.getpid() % 10000}d{Dockerd._made}"
         self.sock = str(base / "docker.sock")
+        self.plugins_dir = base / "plugins"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -195,16 +215,20 @@ class Dockerd:
 
     def start(self) -> Dockerd:
         self.base.mkdir(parents=True, exist_ok=True)
-        (self.base / "daemon.json").write_text("{}")  # keeps /etc/docker/daemon.json out
-        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        self.plugins_dir.mkdir(mode=0o700, exist_ok=True)
+        # {} keeps /etc/docker/daemon.json out; the key path keeps /etc/docker/key.json out.
+        (self.base / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.base / "key.json")}))
+        dockerd = ["dockerd", "--config-file", str(self.base / "daemon.json"),
+                   "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
+                   "--pidfile", str(self.base / "docker.pid"), "-H", self.host,
+                   "--bridge=none", "--iptables=false", "--ip-masq=false"]
         # `nsenter --net`, not `ip netns exec`: the latter remounts /sys and hides the cgroup v1 mounts.
-        cmd = [*prefix, "dockerd", "--config-file", str(self.base / "daemon.json"),
-               "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
-               "--pidfile", str(self.base / "docker.pid"), "-H", self.host,
-               "--bridge=none", "--iptables=false", "--ip-masq=false"]
-        logf = open(self.base / "dockerd.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
-        logf.close()
+        # sh execs dockerd, so self.proc is dockerd itself.
+        setup = (f"mount -t tmpfs -o mode=0755,size=16m sme2e-run /run && mkdir -p /run/docker/plugins && "
+                 f"mount --bind {shlex.quote(str(self.plugins_dir))} /run/docker/plugins && "
+                 f"exec {shlex.join(dockerd)}")
+        cmd = ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--propagation", "private", "--",
+               "sh", "-c", setup]
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -212,11 +236,26 @@ class Dockerd:
             return self.cli("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode == 0
 
         try:
+            if self.own_netns:
+                run(["ip", "netns", "add", str(self.netns)])
+                run(["ip", "-n", str(self.netns), "link", "set", "lo", "up"])
+            with open(self.base / "dockerd.log", "wb") as logf:
+                self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
             wait_for(up, 60, f"dockerd on {self.sock}")
         except Exception:
             self.stop()
             raise
         return self
+
+    def get_json(self, url: str, timeout: float = 3) -> Any:
+        """GET url from inside dockerd's network namespace (where a managed plugin's API listens)."""
+        code = ("import sys, urllib.request\n"
+                "with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:\n"
+                "    sys.stdout.write(r.read().decode())\n")
+        res = run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable, "-c", code, url, str(timeout)],
+                  timeout=timeout + 10)
+        return json.loads(res.stdout)
 
     def log_tail(self, n: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -236,11 +275,14 @@ class Dockerd:
                 for name in self.cli("plugin", "ls", "--format", "{{.Name}}", check=False, timeout=30).stdout.split():
                     self.cli("plugin", "disable", "-f", name, check=False, timeout=60)
         stop_process(self.proc, 30)
-        unmount_under(str(self.base))
+        unmount_under(str(self.base))  # nothing is mounted there in the host's namespace; a safety net
+        if self.own_netns:
+            run(["ip", "netns", "del", str(self.netns)], check=False)
 
 
 class SyncmeshProcess:
-    """`syncmesh-plugin serve` from the venv, on the host (a legacy plugin when its socket is LEGACY_SOCKET)."""
+    """`syncmesh-plugin serve` from the venv, on the host (a legacy plugin when its socket is in a Dockerd's
+    plugins_dir, which that dockerd sees as /run/docker/plugins)."""
 
     def __init__(self, base: Path, node_id: str, etcd_endpoints: list[str], socket_path: str) -> None:
         self.base = base
@@ -364,6 +406,9 @@ class Network:
         if self._rule_added:
             run(["iptables", "-D", *self.rule], check=False)
             self._rule_added = False
+        for veth in self.veth:  # at once: with its namespace, a veth only goes away asynchronously
+            if run(["ip", "link", "show", veth], check=False).returncode == 0:
+                run(["ip", "link", "del", veth], check=False)
         for ns in self.ns:
             run(["ip", "netns", "del", ns], check=False)
         run(["ip", "link", "del", self.bridge], check=False)

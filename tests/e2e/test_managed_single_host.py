@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 
 from conftest import PLUGIN_VERSION, TIMINGS
-from e2e_harness import IMAGE, Dockerd, free_port, node_health, wait_for
+from e2e_harness import IMAGE, Dockerd, free_port, wait_for
 
 
 def test_managed_plugin_with_embedded_etcd(workdir: Path, image_tar: Path, plugin_dir: Path) -> None:
-    d = Dockerd(workdir / "solo").start()  # its own dockerd: the plugin never touches the machine's
+    d = Dockerd(workdir / "solo").start()  # its own dockerd (own netns): the plugin never touches the machine's
     ref = f"syncmesh/syncmesh-plugin:{PLUGIN_VERSION}"
     try:
         d.import_busybox(image_tar)
@@ -18,13 +18,14 @@ def test_managed_plugin_with_embedded_etcd(workdir: Path, image_tar: Path, plugi
         d.cli("plugin", "create", ref, str(plugin_dir), timeout=300)
         TIMINGS["solo plugin create"] = time.monotonic() - t
         port = free_port()
-        # Root network namespace: keep the node API on loopback and on a free port.
+        # The plugin shares dockerd's network namespace (its own, loopback only): the node API on
+        # loopback, asked from inside that namespace.
         d.cli("plugin", "set", ref, "SYNCMESH_SERVER_HOST=127.0.0.1", f"SYNCMESH_SERVER_PORT={port}",
               "SYNCMESH_NODE_ID=solo")
         t = time.monotonic()
         d.cli("plugin", "enable", ref)
         TIMINGS["solo plugin enable"] = time.monotonic() - t
-        wait_for(lambda: node_health(f"http://127.0.0.1:{port}")["components"]["etcd"]["ok"], 30,
+        wait_for(lambda: d.get_json(f"http://127.0.0.1:{port}/api/v1/health")["components"]["etcd"]["ok"], 30,
                  "the embedded etcd")
         TIMINGS["solo enable -> embedded etcd connected"] = time.monotonic() - t
 
