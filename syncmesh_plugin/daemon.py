@@ -263,8 +263,7 @@ class Daemon:
         at, holders = self._holders_cache.get(volume, (0.0, []))
         if time.monotonic() - at > 2.0 and self.store is not None:
             with contextlib.suppress(EtcdUnavailable):
-                _, kvs = await self.store.get_all(self.store.key("holders", volume) + b"/")
-                holders = [kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs]
+                holders = await self.store.holders(volume)
                 self._holders_cache[volume] = (time.monotonic(), holders)
         others = [h for h in holders if h != origin]
         if spread:

@@ -22,8 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
-from .manifest import ManifestError, decode
-from .meta import EtcdUnavailable, dumps, loads
+from .meta import EtcdUnavailable, dumps
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -48,7 +47,7 @@ class Housekeeper:
 
     def _key(self, node: str) -> bytes:
         assert self.d.store is not None
-        return self.d.store.key("election", ELECTION, node)
+        return self.d.store.keys.election_key(ELECTION, node)
 
     async def run(self) -> None:
         while True:
@@ -69,12 +68,12 @@ class Housekeeper:
         mine = self._key(self.node)
         if not m.is_bound(mine):
             await m.bind(mine, dumps({"node": self.node, "at": time.time()}))
-        _, kvs = await store.get_all(store.key("election", ELECTION) + b"/")
-        if not kvs:
+        registered = await store.election(ELECTION)
+        if not registered:
             return
-        first = min(kvs, key=lambda kv: kv.create_revision)
-        self.leader = first.key.rsplit(b"/", 1)[-1].decode()
-        self.is_leader = first.key == mine
+        first = min(registered, key=lambda r: r.create_revision)
+        self.leader = first.node
+        self.is_leader = first.node == self.node
         self._my_create = first.create_revision if self.is_leader else 0
         metrics.leader.set(1 if self.is_leader else 0)
         await self._check_alarms()
@@ -101,46 +100,32 @@ class Housekeeper:
             seen = vs.tombstones_seen if vs is not None else -1
             if (vs is not None and seen == self._seen.get(name)) or (vs is None and self._rounds % 10):
                 continue
-            _, applied = await store.get_all(store.key("applied", name) + b"/")
             revs = []
-            for kv in applied:
+            for _, rec in await store.applied(name):
                 with contextlib.suppress(ValueError, TypeError, KeyError):
-                    revs.append(int(loads(kv.value)["revision"]))
+                    revs.append(int(rec["revision"]))
             if not revs:
                 continue  # nobody holds it live: nothing can be proven applied
             horizon = min(revs)
-            doomed: list[tuple[bytes, int]] = []
+            doomed: list[tuple[str, int]] = []
             waiting = 0  # tombstones not yet old enough, or not yet applied by every live holder
-            _, pages = await store.get_range(store.files_prefix(name), page=1000)
-            async for page in pages:
-                for kv in page:
-                    if b'"k":"deleted"' not in kv.value:
-                        continue
-                    try:
-                        mf = decode(kv.value)
-                    except ManifestError:
-                        continue
-                    if mf.kind != "deleted":
-                        continue
-                    if kv.mod_revision <= horizon and now - mf.ts >= retention:
-                        doomed.append((kv.key, kv.mod_revision))
-                    else:
-                        waiting += 1
+            async for t in store.tombstones(name):
+                if t.mod_revision <= horizon and now - t.ts >= retention:
+                    doomed.append((t.path, t.mod_revision))
+                else:
+                    waiting += 1
             if not waiting:
                 self._seen[name] = seen  # nothing left to wait for: skip until new deletions
             if not doomed:
                 continue
-            gc_key = store.key("gc", name)
             top = max(r for _, r in doomed)
             removed = 0
             fence = self._fence()
             # Record the horizon first: a node coming back below it must not resurrect these paths.
-            prev = await store.get(gc_key)
-            old = int(loads(prev.value).get("revision", 0)) if prev else 0
-            if top > old:
-                await store.put(gc_key, dumps({"revision": top, "at": now, "by": self.node}))
+            if top > await store.gc_horizon(name):
+                await store.set_gc_horizon(name, top, at=now, by=self.node)
             for i in range(0, len(doomed), 100):
-                ok = await store.delete_if_unchanged(doomed[i:i + 100], fence=fence)
+                ok = await store.delete_files_if_unchanged(name, doomed[i:i + 100], fence=fence)
                 if not ok:
                     log.warning("housekeeping: lost leadership or a tombstone changed; stopping this round")
                     return
@@ -160,10 +145,9 @@ class Housekeeper:
         current = await store.current_revision()
         target = current - keep
         # Never compact past what a live node still needs to replay.
-        _, applied = await store.get_all(store.key("applied") + b"/")
-        for kv in applied:
+        for _, _, rec in await store.applied_all():
             with contextlib.suppress(ValueError, TypeError, KeyError):
-                target = min(target, int(loads(kv.value)["revision"]))
+                target = min(target, int(rec["revision"]))
         last = int(self.last_run.get("_compacted", 0))
         if target <= last or target <= 0:
             return

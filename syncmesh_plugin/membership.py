@@ -69,7 +69,7 @@ class Membership:
 
     async def register(self) -> None:
         """Claim nodes/<node_id>; refuse if a different live daemon holds it."""
-        key = self.store.key("nodes", self.node_id)
+        key = self.store.keys.node_key(self.node_id)
         existing = await self.store.get(key)
         if existing is not None:
             try:
@@ -91,7 +91,7 @@ class Membership:
 
     async def _new_lease(self) -> None:
         self.lease_id = await self.store.grant_lease(self.ttl)
-        await self.store.put(self.store.key("nodes", self.node_id), dumps(self.record()), lease=self.lease_id)
+        await self.store.put(self.store.keys.node_key(self.node_id), dumps(self.record()), lease=self.lease_id)
         for k, v in list(self._bound.items()):
             await self.store.put(k, v, lease=self.lease_id)
 
@@ -134,15 +134,7 @@ class Membership:
             interval = max(1.0, self.ttl / 3)
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
-        _, kvs = await self.store.get_all(self.store.key("nodes") + b"/")
-        out: dict[str, dict[str, Any]] = {}
-        for kv in kvs:
-            try:
-                rec = loads(kv.value)
-            except ValueError:
-                continue
-            out[str(rec.get("node_id", kv.key.rsplit(b"/", 1)[-1].decode()))] = rec
-        return out
+        return await self.store.node_records()
 
     async def close(self) -> None:
         if self._task is not None:

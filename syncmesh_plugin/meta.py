@@ -1,15 +1,10 @@
-"""The etcd keyspace, and the only module that talks to etcd.
+"""etcd access: the only module that talks to etcd, and, through keyspace.py, the only one that
+builds or parses its keys. Callers get typed records (node records, holders, applied progress,
+tombstones), never keys to split or values to search.
 
 It covers the three gaps of etcd3aio: endpoints must be IP literals (host names are resolved here),
 a watch from a compacted revision hangs instead of raising (the cancel is detected and raised as
 `CompactedError`), and there is no mod_revision compare helper (`_cmp_mod`).
-
-Keyspace under the prefix (default /syncmesh/v1):
-  nodes/<node>              node record, under the node's lease
-  volumes/<name>            volume record (options, created_by, created_at); Create = put-if-absent
-  files/<volume>/<path>     one manifest per path (file, dir, symlink, tombstone)
-  mounts/<volume>/<node>    "volume mounted on node", under the node's lease
-  holders/<volume>/<node>   "node holds a replica", under the node's lease
 """
 
 from __future__ import annotations
@@ -32,6 +27,8 @@ from etcd3aio._protobuf import Compare, RequestOp
 from etcd3aio.errors import EtcdUnauthenticatedError
 
 from .config import EtcdConfig
+from .keyspace import Keyspace
+from .manifest import ManifestError, decode
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +87,43 @@ class WatchBatch:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A published deletion: what housekeeping collects once every holder has applied it."""
+
+    path: str
+    mod_revision: int
+    ts: float  # when the origin published it
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One node's entry in an election; the oldest (lowest create_revision) leads."""
+
+    node: str
+    create_revision: int
+
+
+def record(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object written by a node (node, applied, gc records); None when it is not one."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def tombstone_time(raw: bytes) -> float | None:
+    """The publish time of a tombstone manifest; None for any other kind (decoded, never searched)."""
+    rec = record(raw)
+    if rec is None or rec.get("k") != "deleted":
+        return None
+    try:
+        return decode(raw).ts
+    except ManifestError:
+        return None
+
+
 async def resolve_endpoints(endpoints: Sequence[str]) -> list[str]:
     """Turn URLs or host:port strings into `ipv4:port` literals, as etcd3aio requires."""
     loop = asyncio.get_running_loop()
@@ -133,7 +167,7 @@ class EtcdStore:
     def __init__(self, cfg: EtcdConfig, endpoints: Sequence[str]) -> None:
         self.cfg = cfg
         self.endpoints = list(endpoints)
-        self.prefix = cfg.prefix.encode()
+        self.keys = Keyspace(cfg.prefix)
         self.timeout = float(cfg.timeout)
         self._client: Etcd3Client | None = None
         self._refresher: Any = None
@@ -141,23 +175,22 @@ class EtcdStore:
         self._reauth_at = 0.0
         self.request_hook: Callable[[str, float, bool], None] | None = None  # metrics: (op, seconds, ok)
 
-    # ---- keys
+    # ---- keys (engine.py and volumes.py still build keys through these; see issue 14)
     def key(self, *parts: str) -> bytes:
-        return self.prefix + b"/" + "/".join(parts).encode("utf-8", "surrogateescape")
+        return self.keys.join(*parts)
 
     def file_key(self, volume: str, path: str) -> bytes:
-        return self.key("files", volume, path)
+        return self.keys.file_key(volume, path)
 
     def files_prefix(self, volume: str) -> bytes:
-        return self.key("files", volume) + b"/"
+        return self.keys.files_prefix(volume)
 
     def head_key(self, volume: str) -> bytes:
-        """Rewritten in every transaction that publishes to the volume, so its mod_revision is the
-        volume's latest change, read in one get (a sorted range over a million keys takes seconds)."""
-        return self.key("head", volume)
+        return self.keys.head_key(volume)
 
     def path_of(self, volume: str, key: bytes) -> str:
-        return key[len(self.files_prefix(volume)):].decode("utf-8", "surrogateescape")
+        """The path of a key of the volume's files (a watch event's, a range read's)."""
+        return self.keys.path_of(volume, key)
 
     # ---- lifecycle
     async def connect(self) -> None:
@@ -181,7 +214,7 @@ class EtcdStore:
             if self.cfg.username:
                 self._refresher = client.token_refresher(self.cfg.username, str(self.cfg.password))
                 await asyncio.wait_for(self._refresher.__aenter__(), self.timeout)
-            await asyncio.wait_for(client.kv.get(self.key("ping"), timeout=self.timeout), self.timeout + 1)
+            await asyncio.wait_for(client.kv.get(self.keys.ping_key(), timeout=self.timeout), self.timeout + 1)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             await self.close()
             raise _wrap(exc, f"connect to {', '.join(self.endpoints)}") from None
@@ -272,7 +305,7 @@ class EtcdStore:
     async def ping(self) -> None:
         # A read inside our prefix (etcd3aio's ping reads a key outside it, which a user whose role only
         # covers the prefix may not do).
-        await self._call("status", lambda: self.client.kv.get(self.key("ping"), timeout=self.timeout))
+        await self._call("status", lambda: self.client.kv.get(self.keys.ping_key(), timeout=self.timeout))
 
     async def get(self, key: bytes) -> KV | None:
         resp = await self._call("get", lambda: self.client.kv.get(key, timeout=self.timeout))
@@ -361,14 +394,14 @@ class EtcdStore:
 
     async def latest_revision(self, volume: str) -> int:
         """The revision of the volume's latest published change (0 if none): how far a replica must get."""
-        head = await self.get(self.head_key(volume))
+        head = await self.get(self.keys.head_key(volume))
         if head is not None:
             return head.mod_revision
         # Nothing published yet, or only by a version without the head key: the highest mod_revision
         # under the prefix. etcd sorts the whole prefix for this, which is slow at a million keys.
         from etcd3aio import SortOrder, SortTarget
 
-        prefix = self.files_prefix(volume)
+        prefix = self.keys.files_prefix(volume)
         resp = await self._call("range", lambda: self.client.kv.get(
             prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
             keys_only=True, timeout=self.timeout * 12))
@@ -416,8 +449,133 @@ class EtcdStore:
         await self._call("compact", lambda: self.client.kv.compact(revision, physical=True, timeout=30))
 
     async def current_revision(self) -> int:
-        resp = await self._call("get", lambda: self.client.kv.get(self.key("rev"), timeout=self.timeout))
+        resp = await self._call("get", lambda: self.client.kv.get(self.keys.rev_key(), timeout=self.timeout))
         return int(resp.header.revision)
+
+    # ---- the keyspace's records, typed
+    async def node_records(self) -> dict[str, dict[str, Any]]:
+        """node id -> record of every live node (nodes/, bound to each node's lease)."""
+        prefix = self.keys.nodes_prefix()
+        _, kvs = await self.get_all(prefix)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            rec = record(kv.value)
+            if rec is not None:
+                out[str(rec.get("node_id", self.keys.name_under(prefix, kv.key)))] = rec
+        return out
+
+    async def create_volume(self, name: str, value: bytes) -> tuple[bool, KV | None]:
+        """Register a volume unless it exists; returns (created, the existing record)."""
+        return await self.put_if_absent(self.keys.volume_key(name), value)
+
+    async def get_volume(self, name: str) -> KV | None:
+        return await self.get(self.keys.volume_key(name))
+
+    async def volume_records(self) -> tuple[int, list[tuple[str, KV]]]:
+        """(revision, [(name, kv)]) of the whole volume registry (volumes/)."""
+        rev, kvs = await self.get_all(self.keys.volumes_prefix())
+        return rev, [(self.volume_name(kv.key), kv) for kv in kvs]
+
+    def watch_volumes(self, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """The volume registry as it changes (the keys: volume_name)."""
+        return self.watch(self.keys.volumes_prefix(), start_revision)
+
+    def volume_name(self, key: bytes) -> str:
+        return self.keys.name_under(self.keys.volumes_prefix(), key)
+
+    async def holders(self, volume: str) -> list[str]:
+        """The nodes holding a replica of the volume (holders/<volume>/<node>)."""
+        prefix = self.keys.holders_prefix(volume)
+        _, kvs = await self.get_all(prefix)
+        return [self.keys.name_under(prefix, kv.key) for kv in kvs]
+
+    async def mounted_on(self, volume: str) -> list[str]:
+        """The nodes where the volume is mounted (mounts/<volume>/<node>), sorted."""
+        prefix = self.keys.mounts_prefix(volume)
+        _, kvs = await self.get_all(prefix)
+        return sorted(self.keys.name_under(prefix, kv.key) for kv in kvs)
+
+    async def holders_by_node(self) -> dict[str, list[str]]:
+        """node -> the volumes it holds a replica of, sorted."""
+        prefix = self.keys.holders_prefix()
+        _, kvs = await self.get_all(prefix)
+        out: dict[str, list[str]] = {}
+        for kv in kvs:
+            pair = self.keys.pair_under(prefix, kv.key)
+            if pair is not None:
+                out.setdefault(pair[1], []).append(pair[0])
+        return {n: sorted(v) for n, v in out.items()}
+
+    async def applied(self, volume: str) -> list[tuple[str, dict[str, Any]]]:
+        """(node, record) of every holder's progress on the volume (applied/<volume>/<node>)."""
+        prefix = self.keys.applied_prefix(volume)
+        _, kvs = await self.get_all(prefix)
+        return [(self.keys.name_under(prefix, kv.key), rec) for kv in kvs if (rec := record(kv.value)) is not None]
+
+    async def applied_all(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(volume, node, record) of every node's progress on every volume."""
+        prefix = self.keys.applied_prefix()
+        _, kvs = await self.get_all(prefix)
+        out = []
+        for kv in kvs:
+            pair = self.keys.pair_under(prefix, kv.key)
+            rec = record(kv.value) if pair is not None else None
+            if pair is not None and rec is not None:
+                out.append((pair[0], pair[1], rec))
+        return out
+
+    async def election(self, election: str) -> list[Registration]:
+        """Every live registration in an election (election/<name>/<node>, under each node's lease)."""
+        prefix = self.keys.election_prefix(election)
+        _, kvs = await self.get_all(prefix)
+        return [Registration(self.keys.name_under(prefix, kv.key), kv.create_revision) for kv in kvs]
+
+    async def gc_horizon(self, volume: str) -> int:
+        """The revision up to which the volume's tombstones were collected (0: never)."""
+        kv = await self.get(self.keys.gc_key(volume))
+        return int(loads(kv.value).get("revision", 0)) if kv is not None else 0
+
+    async def set_gc_horizon(self, volume: str, revision: int, *, at: float, by: str) -> None:
+        await self.put(self.keys.gc_key(volume), dumps({"revision": revision, "at": at, "by": by}))
+
+    async def tombstones(self, volume: str, *, page: int = 1000) -> AsyncIterator[Tombstone]:
+        """The volume's tombstone manifests, read page by page at one revision."""
+        _, pages = await self.get_range(self.keys.files_prefix(volume), page=page)
+        async for kvs in pages:
+            for kv in kvs:
+                ts = tombstone_time(kv.value)
+                if ts is not None:
+                    yield Tombstone(self.keys.path_of(volume, kv.key), kv.mod_revision, ts)
+
+    async def delete_files_if_unchanged(self, volume: str, items: Sequence[tuple[str, int]], *,
+                                        fence: tuple[bytes, int] | None = None) -> bool:
+        """Delete the volume's manifests of (path, mod_revision), all or none (see delete_if_unchanged)."""
+        return await self.delete_if_unchanged([(self.keys.file_key(volume, p), r) for p, r in items], fence=fence)
+
+    async def get_file(self, volume: str, path: str) -> KV | None:
+        """The published manifest of one path, raw (manifest.decode validates it)."""
+        return await self.get(self.keys.file_key(volume, path))
+
+    async def read_files(self, volume: str, *, page: int = 2000) -> tuple[int, AsyncIterator[list[KV]]]:
+        """Every manifest of the volume in pages at one revision (the keys: path_of)."""
+        return await self.get_range(self.keys.files_prefix(volume), page=page)
+
+    def watch_files(self, volume: str, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """The volume's manifests as they change, from a revision (the keys: path_of)."""
+        return self.watch(self.keys.files_prefix(volume), start_revision)
+
+    async def publish(self, volume: str, items: Sequence[tuple[str, bytes, int]]) -> tuple[bool, int]:
+        """Put manifests (path, value, base mod_revision) iff none changed since its base, rewriting the
+        volume's head key in the same transaction; returns (succeeded, revision)."""
+        return await self.cas_put_many([(self.keys.file_key(volume, p), v, base) for p, v, base in items],
+                                       self.keys.head_key(volume))
+
+    async def delete_volume(self, name: str) -> None:
+        """Remove a volume from the cluster: its record, manifests, mounts, holders, progress, head key."""
+        await self.delete(self.keys.volume_key(name))
+        for prefix in self.keys.volume_prefixes(name):
+            await self.delete_prefix(prefix)
+        await self.delete(self.keys.head_key(name))
 
     # ---- leases
     async def grant_lease(self, ttl: int) -> int:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .events import EventBus
-from .meta import EtcdUnavailable, dumps, loads
+from .meta import EtcdUnavailable, dumps
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -112,13 +112,13 @@ class Ops:
         for name in list(self._applied):
             if name not in held:
                 # Removed (the cluster deleted applied/<volume>/) or detached: stop re-binding it.
-                m.forget(m.store.key("applied", name, self.node))
+                m.forget(m.store.keys.applied_key(name, self.node))
                 del self._applied[name]
         for name in sorted(held):
             rec = self.progress(name)
             if rec is None or rec == self._applied.get(name) or self.d.state.volume(name) is None:
                 continue
-            await m.bind(m.store.key("applied", name, self.node), dumps({**rec, "at": round(time.time(), 3)}))
+            await m.bind(m.store.keys.applied_key(name, self.node), dumps({**rec, "at": round(time.time(), 3)}))
             self._applied[name] = rec
 
     def refresh_gauges(self) -> None:
@@ -188,19 +188,13 @@ class Ops:
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
         latest = await store.latest_revision(volume)
-        _, holders = await store.get_all(store.key("holders", volume) + b"/")
-        _, applied = await store.get_all(store.key("applied", volume) + b"/")
+        holders = await store.holders(volume)
+        recs = dict(await store.applied(volume))
         nodes = await self.live_nodes(max_age=1.0)
-        recs: dict[str, dict[str, Any]] = {}
-        for kv in applied:
-            with contextlib.suppress(ValueError, AttributeError):
-                rec = loads(kv.value)
-                if isinstance(rec, dict):
-                    recs[kv.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace")] = rec
         mine = self.progress(volume)
         if mine is not None:
             recs[self.node] = {**mine, "at": time.time()}
-        names = {kv.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace") for kv in holders} | set(recs)
+        names = set(holders) | set(recs)
         out = []
         for n in sorted(names):
             rec = recs.get(n, {})
@@ -218,17 +212,9 @@ class Ops:
         store = self.d.store
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
-        _, kvs = await store.get_all(store.key("applied") + b"/")
-        base = len(store.key("applied") + b"/")
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        for kv in kvs:
-            parts = kv.key[base:].decode("utf-8", "replace").split("/")
-            if len(parts) != 2:
-                continue
-            with contextlib.suppress(ValueError):
-                rec = loads(kv.value)
-                if isinstance(rec, dict):
-                    out.setdefault(parts[1], {})[parts[0]] = rec
+        for volume, node, rec in await store.applied_all():
+            out.setdefault(node, {})[volume] = rec
         if self.d.engine is not None:
             for name in self.d.engine.volumes:
                 p = self.progress(name)
@@ -241,14 +227,7 @@ class Ops:
         store = self.d.store
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
-        _, kvs = await store.get_all(store.key("holders") + b"/")
-        base = len(store.key("holders") + b"/")
-        out: dict[str, list[str]] = {}
-        for kv in kvs:
-            parts = kv.key[base:].decode("utf-8", "replace").split("/")
-            if len(parts) == 2:
-                out.setdefault(parts[1], []).append(parts[0])
-        return {n: sorted(v) for n, v in out.items()}
+        return await store.holders_by_node()
 
     async def etcd_members(self) -> dict[str, Any]:
         store = self.d.store

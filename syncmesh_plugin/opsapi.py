@@ -226,7 +226,7 @@ def add_routes(app: web.Application, d: Daemon) -> None:
         mod_rev = 0
         etcd_error = ""
         try:
-            kv = await d.store.get(d.store.file_key(name, rel)) if d.store else None
+            kv = await d.store.get_file(name, rel) if d.store else None
             if d.store is None:
                 etcd_error = "etcd is not connected"
             elif kv is not None:
