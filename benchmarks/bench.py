@@ -258,31 +258,50 @@ def w_mixed(s: System, cfg: argparse.Namespace) -> Result:
                   f"lag p50 {extra['lag_median_ms']} ms, p99 {extra['lag_p99_ms']} ms", extra=extra)
 
 
+def _wait_until(cond: Callable[[], bool], t0: float, what: str) -> float:
+    while not cond():
+        if time.monotonic() - t0 > 60:
+            raise TimeoutError(f"latency probe: {what}")
+        time.sleep(0.0005)
+    return time.monotonic() - t0
+
+
+def _arrived(p: Path, size: int) -> bool:
+    try:
+        return p.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
 def w_latency(s: System, cfg: argparse.Namespace) -> Result:
+    """One small file created on a node until a peer has it, then deleted until the peer has lost it:
+    a delete must travel as fast as a create (no hold for ordinary deletes)."""
     n = 50 if cfg.quick else getattr(s, "latency_probes", 200)
     src, dst = s.dirs[0], s.dirs[1]
-    lat = []
+    lat, dlat = [], []
     for i in range(n):
-        data = os.urandom(1024)
         rel = f"w6/lat{i}.bin"
         t0 = time.monotonic()
-        write_file(src / rel, data)
-        while True:
-            try:
-                if (dst / rel).stat().st_size == 1024:
-                    break
-            except FileNotFoundError:
-                pass
-            if time.monotonic() - t0 > 60:
-                raise TimeoutError("latency probe: file never arrived")
-            time.sleep(0.0005)
-        lat.append(time.monotonic() - t0)
+        write_file(src / rel, os.urandom(1024))
+        lat.append(_wait_until(lambda rel=rel: _arrived(dst / rel, 1024), t0, "file never arrived"))
+        time.sleep(0.01)
+        t0 = time.monotonic()
+        (src / rel).unlink()
+        dlat.append(_wait_until(lambda rel=rel: not os.path.lexists(dst / rel), t0, "deletion never arrived"))
         time.sleep(0.01)
     lat.sort()
-    med, p99 = statistics.median(lat), lat[max(0, int(len(lat) * 0.99) - 1)]
-    return Result(s.name, f"6. latency 1 KiB, {n} writes", med * n, f"p50 {med * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms",
-                  extra={"median_ms": round(med * 1000, 2), "p99_ms": round(p99 * 1000, 2),
-                         "max_ms": round(lat[-1] * 1000, 2)})
+    dlat.sort()
+
+    def p99(xs: list[float]) -> float:
+        return xs[max(0, int(len(xs) * 0.99) - 1)]
+
+    med, dmed = statistics.median(lat), statistics.median(dlat)
+    return Result(s.name, f"6. latency 1 KiB, {n} creates + {n} deletes", med * n,
+                  f"create p50 {med * 1000:.1f} ms, p99 {p99(lat) * 1000:.1f}; "
+                  f"delete p50 {dmed * 1000:.1f} ms, p99 {p99(dlat) * 1000:.1f}",
+                  extra={"median_ms": round(med * 1000, 2), "p99_ms": round(p99(lat) * 1000, 2),
+                         "max_ms": round(lat[-1] * 1000, 2), "delete_median_ms": round(dmed * 1000, 2),
+                         "delete_p99_ms": round(p99(dlat) * 1000, 2), "delete_max_ms": round(dlat[-1] * 1000, 2)})
 
 
 def w_10k_small(s: System, cfg: argparse.Namespace) -> Result:

@@ -159,6 +159,25 @@ def test_a_git_checkout_never_pauses(cluster, volume):
     assert (b.vol(volume) / "repo" / "m3.txt").read_text() == "main 3"
 
 
+def test_sqlite_transactions_never_pause(cluster, volume):
+    """A rollback journal is created and removed by every transaction."""
+    import sqlite3
+
+    a, b = _seed(cluster, volume, count=2)
+    db = sqlite3.connect(a.vol(volume) / "app.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(60):
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t (v) VALUES (?)", (f"row {i}",))
+        db.execute("COMMIT")
+    db.close()
+    _not_paused_after_churn(a, b, volume)
+    copy = sqlite3.connect(b.vol(volume) / "app.db")
+    assert copy.execute("SELECT count(*) FROM t").fetchone()[0] == 60
+    copy.close()
+
+
 # ---- real damage: paused, and nothing but the held deletions waits
 def test_a_wiped_volume_pauses_only_its_deletions(cluster, volume):
     a, b = _seed(cluster, volume)

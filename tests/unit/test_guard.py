@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from syncmesh_plugin.config import ConfigError, load_config
 from syncmesh_plugin.sync.guard import DeleteGuard, Entry, crosses, identities
 
 
@@ -307,3 +308,14 @@ def test_held_paths_whose_new_path_arrives_before_the_review_are_released_as_mov
     assert len(r.release) == 40 and not r.paused and g.describe()["losses_in_window"] == 0
     # dst now holds old data: deleting it is a loss
     assert g.judge([f(f"dst/{i}", 100 + i) for i in range(40)], 2.0).hold
+
+
+@pytest.mark.parametrize(("value", "ok"), [("10s", True), ("500ms", True), ("1h", True), ("0.1s", False),
+                                           ("2h", False)])
+def test_the_window_setting_is_checked(value: str, ok: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {"SYNCMESH_SYNC_MASS_DELETE_WINDOW": value, "SYNCMESH_DATA_ROOT": str(tmp_path)}
+    if ok:
+        assert load_config(None, env).sync.mass_delete_window > 0
+    else:
+        with pytest.raises(ConfigError, match=r"sync\.mass_delete_window"):
+            load_config(None, env)
