@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,12 @@ import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.resolve().parent))
 
+import hostguard  # noqa: E402
 from chaoslib import RESULTS  # noqa: E402
+
+E2E_NAMES = ("sme2e", "syncmesh-e2e")  # a concurrent `make e2e` run's own namespaces, links, rules
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,11 +66,27 @@ def short(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _sweep(request: pytest.FixtureRequest) -> None:
-    if "chaos" in (request.config.getoption("markexpr") or "") and os.geteuid() == 0:
+def host_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The host's links, routes, iptables rules, mounts, /run/docker/plugins and its Docker engine's
+    objects are the same after the suite as before it (tests/hostguard.py); fails naming each change.
+    Not root: the scenarios that need root are skipped, and the guard checks links, routes and mounts."""
+    if "chaos" not in (request.config.getoption("markexpr") or ""):
+        yield
+        return
+    if os.geteuid() == 0:
         from chaoslib import sweep_stale
 
-        sweep_stale()
+        sweep_stale()  # what a killed earlier run left behind is not this run's doing
+    try:
+        before = hostguard.snapshot()
+    except hostguard.GuardError as exc:
+        pytest.fail(str(exc))
+    yield
+    if os.geteuid() == 0:
+        hostguard.release_netns_dir(before)
+    diffs = hostguard.compare(before, hostguard.snapshot(), ignore=E2E_NAMES)
+    if diffs:
+        pytest.fail(hostguard.report("the chaos suite", diffs))
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
