@@ -112,9 +112,7 @@ def test_bad_input_on_every_endpoint(cluster, method):
 
 def test_sigterm_exits_cleanly_and_removes_socket(cluster):
     n = cluster("n1")
-    t0 = time.monotonic()
-    assert n.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - t0 < 5
+    assert n.stop(signal.SIGTERM) == 0  # (a daemon still running after 10 s is killed: -9)
     assert not os.path.exists(n.socket)
 
 
@@ -137,21 +135,18 @@ def test_node_id_conflict_is_refused(cluster, etcd, tmp_path):
 
 
 def test_same_node_restart_after_kill_takes_registration_back(cluster):
-    n = cluster("n1", SYNCMESH_ETCD_LEASE_TTL="30")
+    n = cluster("n1", SYNCMESH_ETCD_LEASE_TTL="60")
     n.kill()
-    t0 = time.monotonic()
-    n.start()  # its old lease has not expired, yet it is back at once
-    assert time.monotonic() - t0 < 10
+    n.start()  # healthy (within 20 s) while its old lease (60 s) still lives: it took the registration back
+    assert n.proc is not None and n.proc.poll() is None and "already live" not in n.log()
 
 
 def test_socket_binds_before_etcd_answers_and_calls_get_clear_errors(tmp_path):
     port = free_port()  # nothing listens there
     n = Node(tmp_path, "lonely", None, "/x", SYNCMESH_ETCD_ENDPOINTS=f"http://127.0.0.1:{port}")
-    t0 = time.monotonic()
     n.start(wait=False)
     try:
-        wait_for(lambda: os.path.exists(n.socket), 5)
-        assert time.monotonic() - t0 < 3
+        wait_for(lambda: os.path.exists(n.socket), 10, what="the plugin socket (etcd never answers here)")
         code, data = n.docker("VolumeDriver.Create", {"Name": "v"})
         assert code == 500 and "cluster unavailable" in data["Err"]
         assert n.ok("VolumeDriver.List", {})["Volumes"] == []

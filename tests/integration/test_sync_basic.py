@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
-from conftest import Node, converged, wait_for, write
+from conftest import Node, converged, keys_under, settled, wait_for, write
 
 
 def three(cluster, volume: str) -> list[Node]:  # type: ignore[no-untyped-def]
@@ -115,7 +114,7 @@ def test_file_rewritten_while_syncing(cluster, volume):
               and (nodes[1].vol(volume) / "hot.bin").read_bytes() == final)
 
 
-def test_ignore_patterns(cluster, volume):
+def test_ignore_patterns(cluster, etcd, volume):
     nodes = [cluster("n1"), cluster("n2")]
     nodes[0].ok("VolumeDriver.Create", {"Name": volume, "Opts": {"ignore": "*.lock,cache/"}})
     for n in nodes:
@@ -125,7 +124,10 @@ def test_ignore_patterns(cluster, volume):
     write(a / "cache/blob", "x")
     write(a / "keep.txt", "x")
     wait_for(lambda: (b / "keep.txt").exists(), 10, what="keep.txt on n2")
-    time.sleep(0.5)
+    # n1 has published all it saw change and n2 followed up to that revision: what is not there now never will be
+    settled(etcd, cluster.prefix, volume, writers=nodes[:1], followers=nodes[1:])
+    published = {k.rsplit(f"/files/{volume}/", 1)[1] for k in keys_under(etcd, f"{cluster.prefix}/files/{volume}/")}
+    assert "keep.txt" in published and not published & {"db.lock", "cache/blob"}, published
     assert not (b / "db.lock").exists() and not (b / "cache").exists()
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -383,12 +382,9 @@ async def test_garbage_forever_bounded(session: aiohttp.ClientSession) -> None:
     metrics = TransferMetrics()
     async with serve(handler_app(garbage)) as hostile:
         pc = client(session, retries=1, request_timeout=1.0, metrics=metrics)
-        start = time.monotonic()
-        got = await pc.fetch(VOLUME, list(chunks), [hostile])
+        got = await pc.fetch(VOLUME, list(chunks), [hostile])  # an endless body ends (the pytest timeout says if not)
         single = await pc.fetch(VOLUME, list(chunks)[:1], [hostile])
-        elapsed = time.monotonic() - start
     assert got == {} and single == {}
-    assert elapsed < 3.0
     assert metrics.failures >= 2
 
 
@@ -406,9 +402,7 @@ async def test_trickling_peer_bounded_by_timeout(session: aiohttp.ClientSession)
 
     async with serve(handler_app(trickle)) as hostile, serve(chunk_app(DictSource(chunks))) as good:
         pc = client(session, retries=1, request_timeout=0.4)
-        start = time.monotonic()
-        alone = await pc.fetch(VOLUME, list(chunks), [hostile])
-        assert time.monotonic() - start < 1.5
+        alone = await pc.fetch(VOLUME, list(chunks), [hostile])  # ends: the request timeout cuts the trickle
         assert alone == {}
         assert await pc.fetch(VOLUME, list(chunks), [hostile, good]) == chunks
 
@@ -425,14 +419,11 @@ async def test_a_silent_peer_is_not_asked_again_within_one_fetch(session: aiohtt
     metrics = TransferMetrics()
     async with serve(handler_app(silent)) as frozen, serve(chunk_app(DictSource(chunks))) as good:
         pc = client(session, retries=3, request_timeout=0.3, metrics=metrics)
-        start = time.monotonic()
         assert await pc.fetch(VOLUME, list(chunks), [frozen]) == {}
-        assert time.monotonic() - start < 0.9  # 4 attempts would need 1.2 s and more
-        assert metrics.requests == 1 and metrics.retries == 0
+        assert metrics.requests == 1 and metrics.retries == 0  # one timeout, not one per retry
         assert pc.breaker_state(frozen) == "open"  # the next waves skip it instead of timing out again
-        start = time.monotonic()
         assert await pc.fetch(VOLUME, list(chunks), [frozen, good]) == chunks
-        assert time.monotonic() - start < 0.25 and metrics.requests == 2
+        assert metrics.requests == 2  # only the good peer was asked
         pc.forget_failures(frozen + "/")  # it came back as a new process: asked again at once
         assert pc.breaker_state(frozen) == "closed"
 
