@@ -12,7 +12,7 @@ Normalisation (what is not a difference):
   (an empty table appears after the first `iptables -I`/`-D` pair on a host that had no rules; it
   filters nothing).
 - links: operational state (carrier, LOWER_UP); admin state, index, mtu and master are compared.
-- routes: `expires` counters of routes learned from router advertisements.
+- routes: `expires` counters of routes learned from router advertisements, the linkdown/dead flags.
 
 `release_netns_dir()` undoes what `ip netns add` does on its first use on a host (it bind-mounts
 /run/netns onto itself) when the directory is empty again and was not a mount point before.
@@ -81,7 +81,14 @@ def links(text: str) -> list[str]:
 
 
 def routes(text: str) -> list[str]:
-    return [re.sub(r"\s+expires \S+", "", ln).strip() for ln in text.splitlines() if ln.strip()]
+    """`ip route show table all` lines without the operational flags (linkdown, dead) and `expires` counters."""
+    out = []
+    for ln in text.splitlines():
+        ln = re.sub(r"\s+expires \S+", "", ln)
+        ln = re.sub(r"\s+(linkdown|dead)\b", "", ln).strip()
+        if ln:
+            out.append(ln)
+    return out
 
 
 def iptables(text: str, family: str) -> tuple[list[str], dict[str, list[str]]]:

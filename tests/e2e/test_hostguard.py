@@ -36,6 +36,20 @@ def test_iptables_normalisation() -> None:
     assert hostguard.iptables(empty, "ipv4") == ([], {})
 
 
+def test_link_and_route_normalisation() -> None:
+    """Carrier state is not compared (docker0 loses NO-CARRIER/linkdown when a container attaches)."""
+    down = ("19: docker0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue state DOWN mode DEFAULT\n"
+            "7: sme2e1v1@if6: <BROADCAST,MULTICAST> mtu 1500 qdisc noop master sme2e1br state DOWN\n")
+    up = down.replace("NO-CARRIER,", "").replace("UP> mtu 1500 qdisc noqueue state DOWN", "UP,LOWER_UP> mtu 1500 "
+                                                                                      "qdisc noqueue state UP")
+    assert hostguard.links(down) == hostguard.links(up) == ["docker0 #19 UP mtu 1500 master -",
+                                                            "sme2e1v1 #7 DOWN mtu 1500 master sme2e1br"]
+    assert hostguard.routes("172.17.0.0/16 dev docker0 proto kernel scope link src 172.17.0.1 linkdown\n"
+                            "default via fe80::1 dev eth0 proto ra metric 100 expires 1790sec pref medium\n") == [
+        "172.17.0.0/16 dev docker0 proto kernel scope link src 172.17.0.1",
+        "default via fe80::1 dev eth0 proto ra metric 100 pref medium"]
+
+
 def test_compare_names_every_difference() -> None:
     def snap(links: list[str], ipt: str, mounts: list[str], plugins: list[str], nets: list[str]) -> hostguard.Snapshot:
         s = hostguard.Snapshot()
