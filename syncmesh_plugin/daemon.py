@@ -16,6 +16,7 @@ import signal
 import ssl
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,13 +24,14 @@ from aiohttp import web
 
 from . import api, chunker, driver, metrics
 from .config import Config
-from .engine import Engine, EngineContext
+from .engine import Engine, EngineContext, VolumeSync
 from .etcd_embedded import EmbeddedEtcd
 from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
 from .ops import Ops
 from .state import LocalState
+from .sync.snapshot import VolumeSnapshot, snapshot
 from .transfer import PeerClient, TransferMetrics
 from .volumes import VolumeManager
 
@@ -47,6 +49,30 @@ class _ChunkSource:
         if data is not None:
             metrics.bytes_sent.inc(len(data))
         return data
+
+
+class _HeldVolumes:
+    """The engine's volumes as the rest of the daemon sees them: snapshots, and the operator's controls."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self._engine = engine
+
+    def _volumes(self) -> dict[str, VolumeSync]:
+        engine = self._engine()
+        return engine.volumes if engine is not None else {}
+
+    def snapshots(self) -> dict[str, VolumeSnapshot]:
+        return {name: snapshot(vs) for name, vs in self._volumes().items()}
+
+    def snapshot(self, name: str) -> VolumeSnapshot | None:
+        vs = self._volumes().get(name)
+        return snapshot(vs) if vs is not None else None
+
+    async def resync(self, name: str, path: str | None) -> dict[str, Any]:
+        return await self._volumes()[name].resync(path)
+
+    async def resume(self, name: str, restore: bool) -> None:
+        await self._volumes()[name].resume(restore=restore)
 
 
 class Daemon:
@@ -75,8 +101,15 @@ class Daemon:
         self._nodes_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._holders_cache: dict[str, tuple[float, list[str]]] = {}
         self.plugin_listening = False
-        self.ops = Ops(self)  # event bus, cluster view, per-node progress (API, status page, metrics)
-        self.housekeeper = Housekeeper(self)  # tombstones, compaction, defragmentation (leader only)
+        self.held = _HeldVolumes(lambda: self.engine)
+        # Event bus, cluster view, per-node progress (API, status page, metrics).
+        self.ops = Ops(cfg.node_id, store=lambda: self.store, membership=lambda: self.membership, volumes=self.held,
+                       index=lambda: self.state, peers=lambda: self.peer_client,
+                       leader=lambda: self.housekeeper.leader, peer_back=self.peer_back)
+        # Tombstones, compaction, defragmentation (leader only).
+        self.housekeeper = Housekeeper(cfg.node_id, cfg.housekeeping, store=lambda: self.store,
+                                       membership=lambda: self.membership, volumes=self.held,
+                                       index=lambda: self.state)
 
     # ---- start-up
     async def _bind_plugin_socket(self) -> None:
@@ -307,10 +340,10 @@ class Daemon:
                                                   if self.housekeeper.alarms else ""),
                      "alarms": self.housekeeper.alarms},
         }
-        degraded = {n: vs.watcher.degraded_reason for n, vs in (self.engine.volumes.items() if self.engine else [])
-                    if vs.watcher is not None and vs.watcher.degraded}
+        vols = self.held.snapshots()
+        degraded = {n: s.watcher_reason for n, s in vols.items() if s.watcher_degraded}
         comps["watchers"] = {"ok": True, "degraded": degraded}  # degraded watchers fall back to rescans
-        paused = {n: vs.paused for n, vs in (self.engine.volumes.items() if self.engine else []) if vs.paused}
+        paused = {n: s.paused for n, s in vols.items() if s.paused}
         comps["volumes"] = {"ok": not paused, "paused": paused}
         comps["peers"] = self.ops.peers_health()
         return comps

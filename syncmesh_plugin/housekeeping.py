@@ -19,13 +19,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from . import metrics
-from .meta import EtcdUnavailable, dumps
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .config import HousekeepingConfig
+from .membership import Membership
+from .meta import EtcdStore, EtcdUnavailable, dumps
+from .state import LocalState
+from .sync.snapshot import HeldVolumes
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,15 @@ ELECTION = "housekeeper"
 
 
 class Housekeeper:
-    def __init__(self, d: Daemon) -> None:
-        self.d = d
-        self.cfg = d.cfg.housekeeping
-        self.node = d.cfg.node_id
+    """Dependencies are getters: etcd and the index come up after the daemon is built."""
+
+    def __init__(self, node: str, cfg: HousekeepingConfig, *, store: Callable[[], EtcdStore | None],
+                 membership: Callable[[], Membership | None], volumes: HeldVolumes,
+                 index: Callable[[], LocalState]) -> None:
+        self.cfg = cfg
+        self.node = node
+        self._store, self._membership, self._index = store, membership, index
+        self.volumes = volumes
         self.leader = ""
         self.is_leader = False
         self._my_create = 0
@@ -46,8 +53,9 @@ class Housekeeper:
         self._seen: dict[str, int] = {}
 
     def _key(self, node: str) -> bytes:
-        assert self.d.store is not None
-        return self.d.store.keys.election_key(ELECTION, node)
+        store = self._store()
+        assert store is not None
+        return store.keys.election_key(ELECTION, node)
 
     async def run(self) -> None:
         while True:
@@ -62,7 +70,7 @@ class Housekeeper:
             await asyncio.sleep(min(float(self.cfg.interval), 5.0) if not self.is_leader else float(self.cfg.interval))
 
     async def tick(self) -> None:
-        store, m = self.d.store, self.d.membership
+        store, m = self._store(), self._membership()
         if store is None or m is None or not m.lease_id:
             return
         mine = self._key(self.node)
@@ -88,15 +96,15 @@ class Housekeeper:
 
     # ---- tombstones
     async def _collect_tombstones(self) -> None:
-        store = self.d.store
+        store = self._store()
         assert store is not None
         retention = float(self.cfg.tombstone_retention)
         now = time.time()
         self._rounds += 1
-        for name in list(self.d.state.volumes()):
+        for name in list(self._index().volumes()):
             # Reading every manifest is costly on big volumes: only when deletions happened since the
             # last collection (seen by this node's replica), or every tenth round for volumes not held here.
-            vs = self.d.engine.volumes.get(name) if self.d.engine else None
+            vs = self.volumes.snapshot(name)
             seen = vs.tombstones_seen if vs is not None else -1
             if (vs is not None and seen == self._seen.get(name)) or (vs is None and self._rounds % 10):
                 continue
@@ -137,7 +145,7 @@ class Housekeeper:
 
     # ---- etcd footprint
     async def _compact_and_defrag(self) -> None:
-        store = self.d.store
+        store = self._store()
         assert store is not None
         keep = int(self.cfg.compact_keep_revisions)
         if keep <= 0:
@@ -164,7 +172,7 @@ class Housekeeper:
             log.info("housekeeping: etcd defragmented (%d MiB in a %d MiB file)", in_use >> 20, size >> 20)
 
     async def _check_alarms(self) -> None:
-        store = self.d.store
+        store = self._store()
         assert store is not None
         self.alarms = await store.alarms()
         metrics.etcd_alarm.set(1 if self.alarms else 0)
@@ -174,4 +182,4 @@ class Housekeeper:
 
     def _prune_conflict_records(self) -> None:
         cutoff = time.time() - float(self.cfg.conflict_retention)
-        self.d.state.prune_conflicts(cutoff)
+        self._index().prune_conflicts(cutoff)

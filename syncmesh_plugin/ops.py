@@ -18,22 +18,37 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import metrics
 from .events import EventBus
-from .meta import EtcdUnavailable, dumps
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .membership import Membership
+from .meta import KV, EtcdStore, EtcdUnavailable, dumps
+from .state import LocalState
+from .sync.snapshot import HeldVolumes
 
 log = logging.getLogger(__name__)
 
 
+class PeerCircuits(Protocol):
+    """The peer client's circuit breakers, per peer URL ("closed", "open", "half-open")."""
+
+    def breaker_state(self, peer: str) -> str: ...
+
+
 class Ops:
-    def __init__(self, d: Daemon, interval: float = 1.0, summary_interval: float = 10.0) -> None:
-        self.d = d
-        self.node = d.cfg.node_id
+    """Dependencies are getters: etcd, the index and the peer client come up after the daemon is built."""
+
+    def __init__(self, node: str, *, store: Callable[[], EtcdStore | None],
+                 membership: Callable[[], Membership | None], volumes: HeldVolumes,
+                 index: Callable[[], LocalState], peers: Callable[[], PeerCircuits | None],
+                 leader: Callable[[], str], peer_back: Callable[[str], None],
+                 interval: float = 1.0, summary_interval: float = 10.0) -> None:
+        self.node = node
+        self._store, self._membership, self._index, self._peers = store, membership, index, peers
+        self.volumes = volumes
+        self._leader, self._peer_back = leader, peer_back
         self.bus = EventBus(self.node)
         self.interval = interval
         self.summary_interval = summary_interval
@@ -67,13 +82,13 @@ class Ops:
         await self._publish_applied()
 
     async def _refresh_nodes(self) -> None:
-        m = self.d.membership
+        m = self._membership()
         if m is None:
             return
         nodes = await m.nodes()
         self.nodes, self.nodes_at = nodes, time.time()
         metrics.nodes_in_cluster.set(len(nodes))
-        self.leader = self.d.housekeeper.leader  # elected in etcd (see housekeeping.py)
+        self.leader = self._leader()  # elected in etcd (see housekeeping.py)
         live = set(nodes)
         if self._started is not None:
             for n in sorted(live):
@@ -85,7 +100,7 @@ class Ops:
                     self.emit("peer_up", {"node": n, "advertise": nodes[n].get("advertise", "")})
                 else:  # restarted within its lease's lifetime: never seen down
                     log.info("peer %s restarted (%s)", n, nodes[n].get("advertise", ""), extra={"peer": n})
-                self.d.peer_back(str(nodes[n].get("advertise", "")))
+                self._peer_back(str(nodes[n].get("advertise", "")))
             for n in sorted(set(self._started) - live):
                 if n != self.node:
                     log.info("peer %s down", n, extra={"peer": n})
@@ -93,22 +108,21 @@ class Ops:
         self._started = {n: rec.get("started_at") for n, rec in nodes.items()}
 
     def progress(self, name: str) -> dict[str, Any] | None:
-        vs = self.d.engine.volumes.get(name) if self.d.engine else None
-        if vs is None:
+        s = self.volumes.snapshot(name)
+        if s is None:
             return None
         # The stored revision stays below any deferred change (so a restart replays it) and only moves
         # with the next watch batch; with nothing deferred the last batch seen is how far we really are.
-        rev = self.d.state.revision(name)
-        if not vs.deferred:
-            rev = max(rev, vs.status.revision)
-        return {"revision": rev, "ready": vs.ready.is_set(),
-                "pending": len(vs.dirty) + len(vs.deferred), "lag_seconds": round(vs.status.lag_seconds, 4)}
+        rev = self._index().revision(name)
+        if not s.deferred:
+            rev = max(rev, s.revision)
+        return {"revision": rev, "ready": s.ready, "pending": s.pending, "lag_seconds": round(s.lag_seconds, 4)}
 
     async def _publish_applied(self) -> None:
-        m = self.d.membership
-        if m is None or self.d.engine is None:
+        m = self._membership()
+        if m is None:
             return
-        held = set(self.d.engine.volumes)
+        held = set(self.volumes.snapshots())
         for name in list(self._applied):
             if name not in held:
                 # Removed (the cluster deleted applied/<volume>/) or detached: stop re-binding it.
@@ -116,28 +130,26 @@ class Ops:
                 del self._applied[name]
         for name in sorted(held):
             rec = self.progress(name)
-            if rec is None or rec == self._applied.get(name) or self.d.state.volume(name) is None:
+            if rec is None or rec == self._applied.get(name) or self._index().volume(name) is None:
                 continue
             await m.bind(m.store.keys.applied_key(name, self.node), dumps({**rec, "at": round(time.time(), 3)}))
             self._applied[name] = rec
 
     def refresh_gauges(self) -> None:
-        d = self.d
-        if d.engine is None:
-            return
-        vols = d.engine.volumes
-        metrics.watches.set(sum(vs.watcher.watch_count for vs in vols.values() if vs.watcher is not None))
-        for name, vs in vols.items():
-            metrics.pending_items.labels(name).set(len(vs.dirty) + len(vs.deferred))
+        vols = self.volumes.snapshots()
+        metrics.watches.set(sum(s.watches for s in vols.values()))
+        for name, s in vols.items():
+            metrics.pending_items.labels(name).set(s.pending)
         for name in self._pending_labels - set(vols):
             with contextlib.suppress(KeyError):
                 metrics.pending_items.remove(name)
         self._pending_labels = set(vols)
-        if d.peer_client is not None:
+        pc = self._peers()
+        if pc is not None:
             for n, rec in self.nodes.items():
                 url = rec.get("advertise", "")
                 if url and n != self.node:
-                    metrics.peer_breaker_open.labels(n).set(1 if d.peer_client.breaker_state(url) == "open" else 0)
+                    metrics.peer_breaker_open.labels(n).set(1 if pc.breaker_state(url) == "open" else 0)
             for labels in list(metrics.peer_breaker_open._metrics):  # bounded: only live nodes keep a series
                 if labels[0] not in self.nodes:
                     with contextlib.suppress(KeyError):
@@ -145,27 +157,27 @@ class Ops:
 
     def _summaries(self) -> None:
         now = time.monotonic()
-        if now - self._summary_at < self.summary_interval or self.d.engine is None:
+        if now - self._summary_at < self.summary_interval:
             return
         took = now - self._summary_at
         self._summary_at = now
-        for name, vs in self.d.engine.volumes.items():
-            cur = (vs.status.published, vs.status.applied)
+        vols = self.volumes.snapshots()
+        for name, s in vols.items():
+            cur = (s.published, s.applied)
             pub0, app0 = self._counters.get(name, (0, 0))
             self._counters[name] = cur
             if cur == (pub0, app0):
                 continue
-            pending = len(vs.dirty) + len(vs.deferred)
             log.info("volume %s: published %d, applied %d in the last %.0fs; %d pending, revision %d", name,
-                     cur[0] - pub0, cur[1] - app0, took, pending, self.d.state.revision(name),
+                     cur[0] - pub0, cur[1] - app0, took, s.pending, self._index().revision(name),
                      extra={"volume": name, "count": cur[0] - pub0 + cur[1] - app0, "duration": round(took, 3)})
         for name in list(self._counters):
-            if name not in self.d.engine.volumes:
+            if name not in vols:
                 del self._counters[name]
 
     # ---- views used by the API
     def peers_health(self) -> dict[str, Any]:
-        pc = self.d.peer_client
+        pc = self._peers()
         peers = {}
         for n, rec in sorted(self.nodes.items()):
             if n == self.node:
@@ -177,16 +189,15 @@ class Ops:
         return {"ok": not peers or len(open_) < len(peers), "peers": peers, "open": open_}
 
     async def live_nodes(self, max_age: float = 2.0) -> dict[str, dict[str, Any]]:
-        if self.d.membership is not None and time.time() - self.nodes_at >= max_age:
+        m = self._membership()
+        if m is not None and time.time() - self.nodes_at >= max_age:
             with contextlib.suppress(EtcdUnavailable):
-                self.nodes, self.nodes_at = await self.d.membership.nodes(), time.time()
+                self.nodes, self.nodes_at = await m.nodes(), time.time()
         return self.nodes
 
     async def convergence(self, volume: str) -> dict[str, Any]:
         """Every holder's applied revision against the latest change of the volume (needs etcd)."""
-        store = self.d.store
-        if store is None:
-            raise EtcdUnavailable("etcd is not connected")
+        store = self.store()
         latest = await store.latest_revision(volume)
         holders = await store.holders(volume)
         recs = dict(await store.applied(volume))
@@ -209,28 +220,38 @@ class Ops:
 
     async def applied_by_node(self) -> dict[str, dict[str, dict[str, Any]]]:
         """node -> volume -> applied record, from etcd (this node's own from memory)."""
-        store = self.d.store
-        if store is None:
-            raise EtcdUnavailable("etcd is not connected")
+        store = self.store()
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for volume, node, rec in await store.applied_all():
             out.setdefault(node, {})[volume] = rec
-        if self.d.engine is not None:
-            for name in self.d.engine.volumes:
-                p = self.progress(name)
-                if p is not None:
-                    out.setdefault(self.node, {})[name] = p
+        for name in self.volumes.snapshots():
+            p = self.progress(name)
+            if p is not None:
+                out.setdefault(self.node, {})[name] = p
         return out
 
     async def holders_by_node(self) -> dict[str, list[str]]:
         """node -> volumes it holds a replica of (holders/<volume>/<node>, bound to the node's lease)."""
-        store = self.d.store
-        if store is None:
-            raise EtcdUnavailable("etcd is not connected")
+        store = self.store()
         return await store.holders_by_node()
 
     async def etcd_members(self) -> dict[str, Any]:
-        store = self.d.store
+        store = self.store()
+        return await store.members()
+
+    def connected(self) -> bool:
+        """Registered in the cluster (etcd answered once): cluster views can be asked for."""
+        return self._membership() is not None
+
+    def store(self) -> EtcdStore:
+        store = self._store()
         if store is None:
             raise EtcdUnavailable("etcd is not connected")
-        return await store.members()
+        return store
+
+    async def latest_revision(self, volume: str) -> int:
+        return await self.store().latest_revision(volume)
+
+    async def published(self, volume: str, path: str) -> KV | None:
+        """The manifest of a path as published in etcd (raw; manifest.decode validates it)."""
+        return await self.store().get_file(volume, path)
