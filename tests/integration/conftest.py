@@ -22,6 +22,7 @@ from syncmesh_plugin.devcluster import (  # noqa: F401  (re-exported for the tes
     wait_for,
     write,
 )
+from syncmesh_plugin.keyspace import Keyspace
 
 
 def need_tool(name: str, package: str | None = None) -> str:
@@ -34,11 +35,17 @@ def need_tool(name: str, package: str | None = None) -> str:
     return path
 
 
+def serving(e: Etcd) -> Etcd:
+    """Wait until etcd answers requests (it listens before it has elected itself leader)."""
+    wait_for(lambda: "header" in e.etcd_api("/v3/kv/range", {"key": "AA=="}), 20, what="etcd to serve")
+    return e
+
+
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
     e = Etcd(tmp_path_factory.mktemp("etcd"))
     e.start()
-    yield e
+    yield serving(e)
     e.stop()
 
 
@@ -120,11 +127,11 @@ def volume() -> str:
 # ---- waiting for an event instead of sleeping: what did not arrive once these hold never will
 
 
-def _b64(key: str) -> str:
-    return base64.b64encode(key.encode()).decode()
+def _b64(key: str | bytes) -> str:
+    return base64.b64encode(key.encode() if isinstance(key, str) else key).decode()
 
 
-def mod_revision(etcd: Etcd, key: str) -> int:
+def mod_revision(etcd: Etcd, key: str | bytes) -> int:
     """The key's mod_revision in etcd (0: no such key)."""
     kvs = etcd.etcd_api("/v3/kv/range", {"key": _b64(key)}).get("kvs") or []
     return int(kvs[0].get("mod_revision", 0)) if kvs else 0
@@ -155,7 +162,7 @@ def settled(etcd: Etcd, prefix: str, volume: str, writers: Sequence[Node], follo
         return all(sync_status(w, volume)["pending"] == 0 for w in writers)
 
     wait_for(idle, timeout, what="the writers to have nothing left to publish")
-    head = mod_revision(etcd, f"{prefix}/head/{volume}")
+    head = mod_revision(etcd, Keyspace(prefix).head_key(volume))
     assert head > 0, f"nothing was ever published to {volume}"
 
     def caught_up() -> bool:
