@@ -1,4 +1,4 @@
-"""Command line: `syncmesh-plugin serve`, `config show`, `certs`, and the admin commands (admin.py).
+"""Command line: `syncmesh-plugin serve`, `config show`, `certs`, and the admin commands (admin/).
 
 Admin commands talk to a node's HTTP API: by default the one described by the same config file and
 `SYNCMESH_*` environment the daemon uses, or the one given with --api.
@@ -62,8 +62,9 @@ def config_show(config: str | None, as_json: bool) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
-# status, nodes, volumes, inspect, files, conflicts, verify, resync, watch: see admin.py
-admin.register(main)
+# status, nodes, watch, volumes, inspect, conflicts, resume, resync, files, verify: see admin/
+for command in admin.COMMANDS:
+    main.add_command(command)
 
 
 @main.group("certs")

@@ -155,9 +155,21 @@ class Daemon:
         ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
         return ctx
 
+    def http_app(self) -> web.Application:
+        """The API, metrics and chunk routes, each handler given only the interface it needs."""
+        cfg = self.cfg
+        node = api.Node(node_id=cfg.node_id, advertise=self.advertise, started_at=self.started_at,
+                        data_root=cfg.data_root, plugin_socket=cfg.plugin.socket, embedded_etcd=cfg.embedded_etcd,
+                        etcd_prefix=cfg.etcd.prefix, etcd_endpoints=lambda: self.etcd_endpoints, health=self.health,
+                        refresh_gauges=self.ops.refresh_gauges)
+        return api.make_app(api.ApiDeps(
+            node=node, security=cfg.security, monitoring=cfg.monitoring.enabled,
+            compression=cfg.sync.compression_enabled, cluster=self.ops, events=self.ops.bus, volumes=self.held,
+            registry=lambda: self.manager, index=lambda: self.state, chunks=self.chunk_source))
+
     async def _start_http(self) -> None:
         # lingering_time: a refused oversized body is discarded for at most 2 s, then the connection closes.
-        runner = web.AppRunner(api.make_app(self), handle_signals=False, access_log=None, lingering_time=2.0)
+        runner = web.AppRunner(self.http_app(), handle_signals=False, access_log=None, lingering_time=2.0)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.server.host, self.cfg.server.port, ssl_context=self._server_ssl(),
                            reuse_address=True)
@@ -347,9 +359,6 @@ class Daemon:
         comps["volumes"] = {"ok": not paused, "paused": paused}
         comps["peers"] = self.ops.peers_health()
         return comps
-
-    def refresh_gauges(self) -> None:
-        self.ops.refresh_gauges()
 
     # ---- shutdown
     async def stop(self) -> None:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from syncmesh_plugin import api, openapi
+from syncmesh_plugin import openapi
 from syncmesh_plugin.config import load_config
 from syncmesh_plugin.daemon import Daemon
 
@@ -16,7 +16,7 @@ def app(tmp_path, monkeypatch):
     monkeypatch.setenv("SYNCMESH_DATA_ROOT", str(tmp_path))
     monkeypatch.setenv("SYNCMESH_NODE_ID", "n1")
     monkeypatch.setenv("SYNCMESH_ETCD_ENDPOINTS", "http://127.0.0.1:1")
-    return api.make_app(Daemon(load_config(None)))
+    return Daemon(load_config(None)).http_app()
 
 
 def _routes(app) -> set[tuple[str, str]]:

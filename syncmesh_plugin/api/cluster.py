@@ -1,0 +1,65 @@
+"""The cluster: its live nodes, who leads housekeeping, and how far each node has applied each volume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..meta import EtcdUnavailable
+from .deps import CLUSTER, INDEX, NODE, ClusterView
+
+routes = web.RouteTableDef()
+
+
+def _connected(request: web.Request) -> tuple[ClusterView, str]:
+    """The cluster view and this node's id; 503 until this node has registered in etcd."""
+    ops = request.app[CLUSTER]
+    if not ops.connected():
+        raise EtcdUnavailable("not connected yet")
+    return ops, request.app[NODE].node_id
+
+
+@routes.get("/api/v1/cluster/status")
+async def cluster_status(request: web.Request) -> web.Response:
+    ops, me = _connected(request)
+    nodes = await ops.live_nodes(max_age=0)
+    applied = await ops.applied_by_node()
+    holders = await ops.holders_by_node()
+    latest: dict[str, int] = {}
+    for name in sorted(request.app[INDEX]().volumes()):
+        latest[name] = await ops.latest_revision(name)
+    health = ops.peers_health()["peers"]
+    out = []
+    for n, rec in sorted(nodes.items()):
+        vols = applied.get(n, {})
+        behind = {v: max(0, latest.get(v, 0) - int(r.get("revision", 0) or 0)) for v, r in vols.items()}
+        out.append({
+            "node_id": n, "advertise": rec.get("advertise", ""), "version": rec.get("version", ""),
+            "self": n == me, "leader": n == ops.leader,
+            "health": "ok" if health.get(n, {}).get("circuit", "closed") != "open" else "unreachable",
+            "circuit": health.get(n, {}).get("circuit", "closed"), "volumes": len(holders.get(n, [])),
+            "volumes_behind": sorted(v for v, b in behind.items() if b > 0),
+            "lag_revisions": max(behind.values(), default=0),
+            "lag_seconds": max((float(r.get("lag_seconds", 0) or 0) for r in vols.values()), default=0.0),
+            "pending": sum(int(r.get("pending", 0) or 0) for r in vols.values())})
+    try:
+        etcd: dict[str, Any] = await ops.etcd_members()
+    except EtcdUnavailable as exc:
+        etcd = {"error": str(exc), "members": [], "leader": ""}
+    return web.json_response({"node": me, "leader": ops.leader, "nodes": out, "etcd": etcd, "volumes": latest})
+
+
+@routes.get("/api/v1/cluster/nodes")
+async def cluster_nodes(request: web.Request) -> web.Response:
+    ops, me = _connected(request)
+    nodes = await ops.live_nodes(max_age=0)
+    holders = await ops.holders_by_node()
+    health = ops.peers_health()["peers"]
+    out = []
+    for n, rec in sorted(nodes.items()):
+        out.append({"node_id": n, "advertise": rec.get("advertise", ""), "version": rec.get("version", ""),
+                    "started_at": rec.get("started_at", 0), "self": n == me,
+                    "leader": n == ops.leader, "circuit": health.get(n, {}).get("circuit", "closed"),
+                    "volumes": holders.get(n, [])})
+    return web.json_response({"nodes": out, "leader": ops.leader})

@@ -1,0 +1,97 @@
+"""What the HTTP handlers depend on: narrow interfaces, handed in by the wiring (daemon.py) as one
+`ApiDeps` and read by each handler through a typed application key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from ..config import SecurityConfig
+from ..events import EventBus
+from ..meta import KV
+from ..state import LocalState
+from ..sync.snapshot import HeldVolumes
+from ..transfer import ChunkSource
+
+
+@dataclass(frozen=True)
+class Node:
+    """This node as /api/v1/info and /api/v1/health show it."""
+
+    node_id: str
+    advertise: str
+    started_at: float
+    data_root: str
+    plugin_socket: str
+    embedded_etcd: bool
+    etcd_prefix: str
+    etcd_endpoints: Callable[[], list[str]]  # embedded etcd replaces the configured ones when it starts
+    health: Callable[[], dict[str, dict[str, Any]]]  # component -> {"ok": ..., details}
+    refresh_gauges: Callable[[], None]
+
+
+class ClusterView(Protocol):
+    """The cluster as seen from this node (ops.Ops); the async calls need etcd (EtcdUnavailable)."""
+
+    leader: str
+
+    def connected(self) -> bool: ...
+
+    def peers_health(self) -> dict[str, Any]: ...
+
+    async def live_nodes(self, max_age: float = 2.0) -> dict[str, dict[str, Any]]: ...
+
+    async def holders_by_node(self) -> dict[str, list[str]]: ...
+
+    async def applied_by_node(self) -> dict[str, dict[str, dict[str, Any]]]: ...
+
+    async def latest_revision(self, volume: str) -> int: ...
+
+    async def etcd_members(self) -> dict[str, Any]: ...
+
+    async def convergence(self, volume: str) -> dict[str, Any]: ...
+
+    async def published(self, volume: str, path: str) -> KV | None: ...
+
+
+class HeldVolumeControl(HeldVolumes, Protocol):
+    """The held volumes' snapshots, and the operator's requests to one of them."""
+
+    async def resync(self, name: str, path: str | None) -> dict[str, Any]: ...
+
+    async def resume(self, name: str, restore: bool) -> None: ...
+
+
+class VolumeRegistry(Protocol):
+    """The cluster's volumes as Docker sees them (volumes.VolumeManager)."""
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+    def status(self, name: str, rec: dict[str, Any]) -> dict[str, Any]: ...
+
+    def mountpoint(self, name: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    node: Node
+    security: SecurityConfig
+    monitoring: bool  # serve /metrics
+    compression: bool  # default for the chunk routes
+    cluster: ClusterView
+    events: EventBus
+    volumes: HeldVolumeControl
+    registry: Callable[[], VolumeRegistry | None]  # None while the daemon starts
+    index: Callable[[], LocalState]  # this node's index (opened at start-up)
+    chunks: ChunkSource
+
+
+NODE = web.AppKey("node", Node)
+CLUSTER = web.AppKey("cluster", ClusterView)
+EVENTS = web.AppKey("events", EventBus)
+VOLUMES = web.AppKey("volumes", HeldVolumeControl)
+REGISTRY: web.AppKey[Callable[[], VolumeRegistry | None]] = web.AppKey("registry")
+INDEX: web.AppKey[Callable[[], LocalState]] = web.AppKey("index")

@@ -1,0 +1,84 @@
+"""Volumes: the cluster's registry, this node's sync state of each, and the operator's requests."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..meta import EtcdUnavailable
+from .common import held, known, registry
+from .deps import CLUSTER, EVENTS, INDEX, NODE, VOLUMES
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/sync/status")
+async def sync_status(request: web.Request) -> web.Response:
+    """This node's replicas: progress, backlog and errors."""
+    index = request.app[INDEX]()
+    vols = []
+    for name, s in sorted(request.app[VOLUMES].snapshots().items()):
+        stats = index.volume_stats(name)
+        vols.append({"volume": name, "ready": s.ready, "files": stats["files"], "bytes": stats["bytes"],
+                     "pending": s.pending, "conflicts": len(index.conflicts(name)),
+                     "lag_seconds": round(s.lag_seconds, 4), "revision": index.revision(name),
+                     "published": s.published, "applied": s.applied, "last_error": s.last_error})
+    return web.json_response({"node": request.app[NODE].node_id, "volumes": vols})
+
+
+@routes.get("/api/v1/volumes")
+async def volumes(request: web.Request) -> web.Response:
+    vm = registry(request)
+    index = request.app[INDEX]()
+    out = []
+    for v in vm.list():
+        rec = index.volume(v["Name"]) or {}
+        out.append({"name": v["Name"], "mountpoint": v["Mountpoint"], "created_at": v["CreatedAt"],
+                    **vm.status(v["Name"], rec)})
+    return web.json_response({"volumes": out})
+
+
+@routes.get("/api/v1/volumes/{name}")
+async def volume(request: web.Request) -> web.Response:
+    vm = registry(request)
+    name = request.match_info["name"]
+    rec = known(request, name)
+    body = {"name": name, "mountpoint": vm.mountpoint(name), **vm.status(name, rec)}
+    try:
+        body["convergence"] = await request.app[CLUSTER].convergence(name)
+    except EtcdUnavailable as exc:
+        body["convergence"] = {"error": str(exc)}
+    return web.json_response(body)
+
+
+@routes.post("/api/v1/volumes/{name}/sync")
+async def volume_sync(request: web.Request) -> web.Response:
+    """A full rescan: whatever changed on disk without inotify seeing it is published."""
+    name = request.match_info["name"]
+    held(request, name)
+    res = await request.app[VOLUMES].resync(name, None)
+    request.app[EVENTS].publish("resync", {"volume": name, "action": res.get("action", "")})
+    return web.json_response(res)
+
+
+@routes.get("/api/v1/volumes/{name}/conflicts")
+async def conflicts(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    known(request, name)
+    rows = request.app[INDEX]().conflicts(name)
+    return web.json_response({"volume": name, "conflicts": [
+        {"path": r["path"], "copy": r["copy"], "mode": r["mode"], "winner": r["winner"], "loser": r["loser"],
+         "at": r["at"]} for r in rows]})
+
+
+@routes.post("/api/v1/volumes/{name}/resume")
+async def resume(request: web.Request) -> web.Response:
+    """Operator decision for a volume paused by the mass-damage guard."""
+    name = request.match_info["name"]
+    mode = request.query.get("mode", "accept")
+    if mode not in ("accept", "restore"):
+        return web.json_response({"error": "mode must be accept or restore"}, status=400)
+    snap = request.app[VOLUMES].snapshot(name)
+    if snap is None:
+        return web.json_response({"error": f"volume {name} is not held on this node"}, status=404)
+    await request.app[VOLUMES].resume(name, restore=mode == "restore")
+    return web.json_response({"volume": name, "mode": mode, "was_paused": snap.paused})
