@@ -73,13 +73,18 @@ plugin-enable:
 plugin-push:
 	$(DOCKER) plugin push $(PLUGIN_REF)
 
-e2e-deps:
-	@need=""; for p in $(E2E_APT); do command -v $${p#*:} >/dev/null 2>&1 || need="$$need $${p%%:*}"; done; \
+# $(call apt_need,package:command ...): apt-get install the packages whose command is missing.
+apt_need = need=""; for p in $(1); do command -v $${p\#*:} >/dev/null 2>&1 || need="$$need $${p%%:*}"; done; \
 	if [ -n "$$need" ]; then echo "apt-get install$$need"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; fi
 
-# Real dockerd (started if none answers), legacy and managed plugin, two hosts in network namespaces.
-# Needs root. Not part of `make test`.
+e2e-deps:
+	@$(call apt_need,$(E2E_APT))
+
+# Private dockerds (each in its own network and mount namespace; a host engine is left alone), legacy and
+# managed plugin, two hosts in network namespaces. Fails if the host's links, routes, iptables, mounts,
+# /run/docker/plugins or its engine's objects differ afterwards (tests/hostguard.py). Needs root. Not part
+# of `make test`.
 e2e: install e2e-deps
 	$(BIN)/python -m pytest tests/e2e -m e2e -v -p no:cacheprovider $(E2E_ARGS)
 
@@ -94,11 +99,16 @@ fuzz: install
 # Fault-injection suite (tests/chaos, root): writers on 3 nodes, one fault per scenario, then the
 # invariants (identical trees, no completed write lost). Prints a table. Not part of `make test`.
 CHAOS_SEEDS ?= 3
-.PHONY: chaos chaos-short
-chaos: install deps
+# the partitions (ip, nsenter, iptables) and the host guard (ip, iptables-save; tests/hostguard.py)
+CHAOS_APT := iproute2:ip iptables:iptables-save util-linux:nsenter
+.PHONY: chaos chaos-short chaos-deps
+chaos-deps:
+	@$(call apt_need,$(CHAOS_APT))
+
+chaos: install deps chaos-deps
 	$(BIN)/python tests/chaos/run.py --seeds $(CHAOS_SEEDS) $(CHAOS_ARGS)
 
-chaos-short: install deps
+chaos-short: install deps chaos-deps
 	$(BIN)/python tests/chaos/run.py --short $(CHAOS_ARGS)
 
 # Scale benchmark (issue 9): a 1,000,000-file volume (publish, join, restart, 1,000 edits), twelve nodes and a

@@ -1,4 +1,5 @@
-"""One dockerd, the daemon from the venv as a legacy plugin (socket /run/docker/plugins/syncmesh.sock)."""
+"""One private dockerd (own network and mount namespace), the daemon from the venv as a legacy plugin: its
+socket is in that dockerd's plugins_dir, which the dockerd sees as /run/docker/plugins/syncmesh.sock."""
 
 from __future__ import annotations
 
