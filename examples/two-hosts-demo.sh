@@ -79,13 +79,13 @@ for n in 1 2; do
   say "host$n: dockerd up; docker plugin create $REF"
   dk $n plugin create "$REF" plugin/dist >/dev/null
   dk $n plugin set "$REF" SYNCMESH_ETCD_ENDPOINTS=http://$NET.1:$ETCD_PORT SYNCMESH_NODE_ID=host$n \
-    SYNCMESH_SERVER_ADVERTISE=$NET.1$n:7946 SYNCMESH_LOG_FORMAT=text
+    SYNCMESH_SERVER_ADVERTISE=$NET.1$n:7734 SYNCMESH_LOG_FORMAT=text
   dk $n plugin enable "$REF" >/dev/null
 done
 for n in 1 2; do  # the node API answers over the bridge once etcd is connected
   for _ in $(seq 100); do python3 - "$NET.1$n" <<'PY' && break; sleep 0.2; done
 import json, sys, urllib.request
-sys.exit(0 if json.load(urllib.request.urlopen(f"http://{sys.argv[1]}:7946/api/v1/health", timeout=2))["components"]["etcd"]["ok"] else 1)
+sys.exit(0 if json.load(urllib.request.urlopen(f"http://{sys.argv[1]}:7734/api/v1/health", timeout=2))["components"]["etcd"]["ok"] else 1)
 PY
 done
 say "both plugins connected to etcd"

@@ -47,7 +47,7 @@ class PluginConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
-    port: int = 7946
+    port: int = 7734
     advertise: str = ""
 
 

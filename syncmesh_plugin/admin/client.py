@@ -124,7 +124,7 @@ def admin_command(name: str | None = None) -> Callable[[Callable[..., Any]], cli
             sys.exit(fn(Client(cfg, api_base(cfg, api)), as_json=as_json, **kw) or 0)
 
         wrapper = click.option("--json", "as_json", is_flag=True, help="machine-readable JSON output")(wrapper)
-        wrapper = click.option("--api", help="node API base URL, e.g. http://10.0.0.5:7946 (default: from config)")(
+        wrapper = click.option("--api", help="node API base URL, e.g. http://10.0.0.5:7734 (default: from config)")(
             wrapper)
         wrapper = click.option("--config", "config", envvar="SYNCMESH_CONFIG", type=click.Path(),
                                help="YAML config file (as for serve)")(wrapper)

@@ -438,7 +438,7 @@ class ManagedHost:
         self.dockerd.cli("plugin", "create", self.ref, str(self.plugin_dir), timeout=300)
         self.timings["plugin_create"] = time.monotonic() - t
         self.dockerd.cli("plugin", "set", self.ref, f"SYNCMESH_ETCD_ENDPOINTS={self.etcd_endpoint}",
-                         f"SYNCMESH_NODE_ID={self.node_id}", f"SYNCMESH_SERVER_ADVERTISE={self.net.addr(self.n)}:7946",
+                         f"SYNCMESH_NODE_ID={self.node_id}", f"SYNCMESH_SERVER_ADVERTISE={self.net.addr(self.n)}:7734",
                          "SYNCMESH_LOG_FORMAT=text", "SYNCMESH_SYNC_MOUNT_TIMEOUT=15s")
         t = time.monotonic()
         self.dockerd.cli("plugin", "enable", "--timeout", "120", self.ref)
@@ -447,7 +447,7 @@ class ManagedHost:
         # `enable` returns once the socket listens; etcd connects right after (a Create before that
         # is refused with "cluster unavailable"). The node API is reachable from here over the bridge.
         t = time.monotonic()
-        wait_for(lambda: node_health(f"http://{self.net.addr(self.n)}:7946")["components"]["etcd"]["ok"], 30,
+        wait_for(lambda: node_health(f"http://{self.net.addr(self.n)}:7734")["components"]["etcd"]["ok"], 30,
                  f"{self.node_id}'s plugin to connect to etcd")
         self.timings["plugin_ready_after_enable"] = time.monotonic() - t
         return self

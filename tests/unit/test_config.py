@@ -48,7 +48,7 @@ def test_defaults_without_file_or_env(hostname: None) -> None:
     assert cfg.log_format == "json"
     assert cfg.data_root == "/var/lib/syncmesh"
     assert cfg.plugin.socket == "/run/docker/plugins/syncmesh.sock"
-    assert (cfg.server.host, cfg.server.port, cfg.server.advertise) == ("0.0.0.0", 7946, "")
+    assert (cfg.server.host, cfg.server.port, cfg.server.advertise) == ("0.0.0.0", 7734, "")
     assert cfg.etcd.endpoints == []
     assert cfg.embedded_etcd is True
     assert cfg.etcd.prefix == "/syncmesh/v1"
@@ -464,8 +464,8 @@ def test_as_dict_unmasked_is_plain_data(hostname: None) -> None:
 
 
 def test_advertise_url_explicit_host_port() -> None:
-    cfg = Config(server=config_mod.ServerConfig(advertise="10.0.0.5:7946"))
-    assert cfg.advertise_url() == "http://10.0.0.5:7946"
+    cfg = Config(server=config_mod.ServerConfig(advertise="10.0.0.5:7734"))
+    assert cfg.advertise_url() == "http://10.0.0.5:7734"
 
 
 def test_advertise_url_with_scheme_is_kept_and_trailing_slash_dropped() -> None:
@@ -488,8 +488,8 @@ def test_advertise_url_from_specific_bind_host() -> None:
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", ""])
 def test_advertise_url_wildcard_bind_uses_primary_address(monkeypatch: pytest.MonkeyPatch, bind: str) -> None:
     monkeypatch.setattr(config_mod, "_primary_address", lambda: "10.9.8.7")
-    cfg = Config(server=config_mod.ServerConfig(host=bind, port=7946))
-    assert cfg.advertise_url() == "http://10.9.8.7:7946"
+    cfg = Config(server=config_mod.ServerConfig(host=bind, port=7734))
+    assert cfg.advertise_url() == "http://10.9.8.7:7734"
 
 
 def test_primary_address_is_an_ipv4_string() -> None:
