@@ -6,7 +6,7 @@ import os
 import signal
 
 import pytest
-from conftest import converged, write
+from conftest import converged, sync_status, wait_for, write
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["resume-watch", "after-compaction"])
@@ -48,14 +48,9 @@ def test_late_joiner_mount_returns_with_the_data(cluster, volume):
         write(a.vol(volume) / f"d{i % 10}/f{i}.txt", f"file {i}\n" * 50)
     write(a.vol(volume) / "big.bin", os.urandom(8 * 1024 * 1024))
     converged([a], volume, expect=lambda t: "big.bin" in t)
-    # wait until every change is published
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if a.http("GET", f"/api/v1/volumes/{volume}")[1]["sync"]["files"] >= 311:
-            break
-        time.sleep(0.05)
+    # every change is published (300 files, big.bin, 10 directories) and nothing is pending
+    wait_for(lambda: a.http("GET", f"/api/v1/volumes/{volume}")[1]["sync"]["files"] >= 311
+             and sync_status(a, volume)["pending"] == 0, 20, what="n1 to publish everything")
     late = cluster("late")
     mp = late.mount(volume)
     # no waiting here: Mount returned only once the data was there
