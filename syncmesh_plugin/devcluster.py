@@ -6,7 +6,6 @@ through the Docker plugin socket, the HTTP API and the volume directories.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,9 +285,3 @@ def write(path: Path, data: bytes | str) -> None:
     if isinstance(data, str):
         data = data.encode()
     path.write_bytes(data)
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[Callable[[], float]]:
-    t0 = time.monotonic()
-    yield lambda: time.monotonic() - t0

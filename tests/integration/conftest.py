@@ -17,7 +17,6 @@ from syncmesh_plugin.devcluster import (  # noqa: F401  (re-exported for the tes
     Node,
     converged,
     free_port,
-    timer,
     tree,
     wait_for,
     write,
