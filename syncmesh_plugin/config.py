@@ -67,13 +67,16 @@ class EtcdConfig:
     embedded_peer_port: int = 0
 
 
+MOUNT_TIMEOUT_MAX = 110.0  # dockerd cuts a volume plugin's Mount at 120 s; answer before it does
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     interval: Duration = Duration(30.0)
     conflict_resolution: str = "timestamp"
     compression_enabled: bool = True
     keep_conflict_copies: bool = True
-    mount_timeout: Duration = Duration(60.0)
+    mount_timeout: Duration = Duration(25.0)  # under the 30 s a manual `docker plugin enable` gives every call
     debounce: Duration = Duration(0.005)
     mass_delete_threshold: float = 0.5
     mass_delete_min_files: int = 20
@@ -300,6 +303,10 @@ def _validate(cfg: Config) -> Config:
         raise bad("housekeeping.interval", "a duration of at least 1s", f"{cfg.housekeeping.interval}s")
     if cfg.etcd.lease_ttl < 2:
         raise bad("etcd.lease_ttl", "an integer >= 2 (seconds)", cfg.etcd.lease_ttl)
+    if not 1 <= cfg.sync.mount_timeout <= MOUNT_TIMEOUT_MAX:
+        raise bad("sync.mount_timeout", f"a duration between 1s and {MOUNT_TIMEOUT_MAX:.0f}s (dockerd gives a volume "
+                  "plugin's Mount 120 s, and only 30 s after a `docker plugin enable` without --timeout)",
+                  f"{cfg.sync.mount_timeout}s")
     if cfg.sync.interval < 1:
         raise bad("sync.interval", "a duration of at least 1s", f"{cfg.sync.interval}s")
     if cfg.node_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", cfg.node_id):

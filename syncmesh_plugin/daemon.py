@@ -206,6 +206,7 @@ class Daemon:
             get_store=lambda: self.store if self.etcd_ready.is_set() else None,
             get_membership=lambda: self.membership, mount_timeout=float(self.cfg.sync.mount_timeout),
             connect_wait=float(self.cfg.etcd.timeout))
+        self.manager.on_release = self.ops.forget_replica
         await self._start_http()
         # Volumes held before a restart keep syncing locally at once; etcd catches up when it answers.
         await self.manager.resume_held()
@@ -231,6 +232,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
         self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
         self._tasks.append(asyncio.create_task(self.housekeeper.run(), name="housekeeping"))
+        self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
 
     async def _connect(self) -> None:
         if self.cfg.embedded_etcd and self.embedded is None:
@@ -358,6 +360,11 @@ class Daemon:
         paused = {n: s.paused for n, s in vols.items() if s.paused}
         comps["volumes"] = {"ok": not paused, "paused": paused}
         comps["peers"] = self.ops.peers_health()
+        # Fewer live replicas than a volume's placement asks for: degraded, still serving (not a 503).
+        short = {n: f"{len(r['live'])} of {r['expected']} live replica(s)" + (
+            f"; offline: {', '.join(r['offline'])}" if r["offline"] else "")
+            for n, r in self.ops.replicas.items() if r["degraded"]}
+        comps["replicas"] = {"ok": True, "degraded": short}
         return comps
 
     # ---- shutdown

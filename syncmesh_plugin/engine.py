@@ -56,7 +56,7 @@ class Engine:
         if vs is None:
             return False
         try:
-            await asyncio.wait_for(vs.ready.wait(), timeout)
+            await asyncio.wait_for(vs.complete.wait(), timeout)
             return True
         except TimeoutError:
             return False

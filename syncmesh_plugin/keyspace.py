@@ -19,7 +19,7 @@ by stripping its volume's prefix, never by splitting.
 from __future__ import annotations
 
 # The per-volume parts that a volume's removal deletes (with volumes/<name> and head/<name>).
-VOLUME_PARTS = ("files", "mounts", "holders", "applied")
+VOLUME_PARTS = ("files", "mounts", "holders", "applied", "replicas")
 
 
 def _text(raw: bytes) -> str:
@@ -69,6 +69,10 @@ class Keyspace:
     def holder_key(self, volume: str, node: str) -> bytes:
         return self.join("holders", volume, node)
 
+    def replica_key(self, volume: str, node: str) -> bytes:
+        """A node's durable replica record: not under a lease, so an offline replica stays visible."""
+        return self.join("replicas", volume, node)
+
     def applied_key(self, volume: str, node: str) -> bytes:
         return self.join("applied", volume, node)
 
@@ -95,6 +99,10 @@ class Keyspace:
     def applied_prefix(self, volume: str | None = None) -> bytes:
         """One volume's applied records, or every volume's without a volume."""
         return self._dir("applied", volume) if volume is not None else self._dir("applied")
+
+    def replicas_prefix(self, volume: str | None = None) -> bytes:
+        """One volume's replica records, or every volume's without a volume."""
+        return self._dir("replicas", volume) if volume is not None else self._dir("replicas")
 
     def election_prefix(self, election: str) -> bytes:
         return self._dir("election", election)

@@ -512,6 +512,31 @@ class EtcdStore:
         _, kvs = await self.get_all(prefix)
         return [(self.keys.name_under(prefix, kv.key), rec) for kv in kvs if (rec := record(kv.value)) is not None]
 
+    async def put_replica(self, volume: str, node: str, rec: dict[str, Any]) -> None:
+        """This node's durable replica record (replicas/<volume>/<node>, no lease)."""
+        await self.put(self.keys.replica_key(volume, node), dumps(rec))
+
+    async def delete_replica(self, volume: str, node: str) -> None:
+        await self.delete(self.keys.replica_key(volume, node))
+
+    async def replicas(self, volume: str) -> list[tuple[str, dict[str, Any]]]:
+        """(node, record) of every replica of the volume, live or not (replicas/<volume>/<node>)."""
+        prefix = self.keys.replicas_prefix(volume)
+        _, kvs = await self.get_all(prefix)
+        return [(self.keys.name_under(prefix, kv.key), rec) for kv in kvs if (rec := record(kv.value)) is not None]
+
+    async def replicas_all(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(volume, node, record) of every replica record."""
+        prefix = self.keys.replicas_prefix()
+        _, kvs = await self.get_all(prefix)
+        out = []
+        for kv in kvs:
+            pair = self.keys.pair_under(prefix, kv.key)
+            rec = record(kv.value) if pair is not None else None
+            if pair is not None and rec is not None:
+                out.append((pair[0], pair[1], rec))
+        return out
+
     async def applied_all(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(volume, node, record) of every node's progress on every volume."""
         prefix = self.keys.applied_prefix()

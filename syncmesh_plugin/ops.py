@@ -8,6 +8,10 @@ One background loop (`Ops.run`, once a second once etcd answers):
   this node has applied the volume up to. A node has a path's version when its applied revision is
   at least the manifest's mod_revision; a node has converged on a volume when its applied revision
   reaches the latest mod_revision under the volume's files prefix;
+- keeps this node's durable replica record of every held volume, `replicas/<volume>/<node>` =
+  {"applied_revision", "ready", "since", "last_seen"} with no lease: written when the progress changes
+  and at least every `REPLICA_REFRESH` seconds, so a replica whose node is down stays visible (offline,
+  how far behind, last seen) until it is released or its node is forgotten;
 - refreshes gauges (watches, circuit breakers, pending items) and drops labels of volumes no longer held;
 - every `summary_interval` seconds logs one progress line per busy volume (never one per file).
 """
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import metrics
+from . import metrics, placement
 from .events import EventBus
 from .membership import Membership
 from .meta import KV, EtcdStore, EtcdUnavailable, dumps
@@ -29,6 +33,9 @@ from .state import LocalState
 from .sync.snapshot import HeldVolumes
 
 log = logging.getLogger(__name__)
+
+REPLICA_REFRESH = 30.0  # seconds between two writes of an unchanged replica record (its last_seen)
+REPLICA_VIEW_EVERY = 5.0  # seconds between two reads of every replica record (health, metrics)
 
 
 class PeerCircuits(Protocol):
@@ -57,6 +64,9 @@ class Ops:
         self.leader = ""
         self._started: dict[str, Any] | None = None  # live node -> started_at (a change: it restarted)
         self._applied: dict[str, dict[str, Any]] = {}
+        self._replica_at: dict[str, tuple[int, float]] = {}  # volume -> (revision, when) last written
+        self.replicas: dict[str, dict[str, Any]] = {}  # volume -> live/offline replicas against its placement
+        self._replicas_read = 0.0
         self._counters: dict[str, tuple[int, int]] = {}
         self._summary_at = time.monotonic()
         self._pending_labels: set[str] = set()
@@ -80,6 +90,8 @@ class Ops:
         self._summaries()
         await self._refresh_nodes()
         await self._publish_applied()
+        if time.monotonic() - self._replicas_read >= REPLICA_VIEW_EVERY:
+            await self._refresh_replicas()
 
     async def _refresh_nodes(self) -> None:
         m = self._membership()
@@ -134,6 +146,61 @@ class Ops:
                 continue
             await m.bind(m.store.keys.applied_key(name, self.node), dumps({**rec, "at": round(time.time(), 3)}))
             self._applied[name] = rec
+        await self._publish_replicas(held)
+
+    async def _publish_replicas(self, held: set[str]) -> None:
+        store = self._store()
+        if store is None:
+            return
+        now = time.time()
+        for name in list(self._replica_at):
+            if name not in held:
+                del self._replica_at[name]  # released or removed: the record went with it
+        for name in sorted(held):
+            rec = self.progress(name)
+            if rec is None or self._index().volume(name) is None:
+                continue
+            last = self._replica_at.get(name)
+            if last is not None and last[0] == rec["revision"] and now - last[1] < REPLICA_REFRESH:
+                continue
+            since = self._index().get_meta(f"held_since:{name}") or ""
+            if not since:
+                since = str(round(now, 3))
+                self._index().set_meta(f"held_since:{name}", since)
+            await store.put_replica(name, self.node, {"applied_revision": rec["revision"], "ready": rec["ready"],
+                                                      "since": float(since), "last_seen": round(now, 3)})
+            self._replica_at[name] = (rec["revision"], now)
+
+    async def _refresh_replicas(self) -> None:
+        """Every volume's replicas, live or offline, against what its placement asks for: the health
+        check's `replicas` component and `syncmesh_volume_replicas`."""
+        store = self._store()
+        if store is None or self._membership() is None:
+            return
+        self._replicas_read = time.monotonic()
+        records = await store.replicas_all()
+        live = set(self.nodes)
+        index = self._index()
+        out: dict[str, dict[str, Any]] = {}
+        for name, rec in index.volumes().items():
+            spec = str(rec.get("options", {}).get("replicas", "") or "")
+            nodes = sorted(n for v, n, _ in records if v == name)
+            up = [n for n in nodes if n in live]
+            want = placement.expected(spec, live)
+            out[name] = {"replicas": spec, "expected": want, "live": up,
+                         "offline": [n for n in nodes if n not in live], "degraded": len(up) < want}
+        for name in set(self.replicas) - set(out):
+            for st in ("live", "offline"):
+                with contextlib.suppress(KeyError):
+                    metrics.volume_replicas.remove(name, st)
+        for name, r in out.items():
+            metrics.volume_replicas.labels(name, "live").set(len(r["live"]))
+            metrics.volume_replicas.labels(name, "offline").set(len(r["offline"]))
+        self.replicas = out
+
+    def forget_replica(self, name: str) -> None:
+        """This node released the volume: write no more records for it."""
+        self._replica_at.pop(name, None)
 
     def refresh_gauges(self) -> None:
         vols = self.volumes.snapshots()
@@ -201,21 +268,30 @@ class Ops:
         latest = await store.latest_revision(volume)
         holders = await store.holders(volume)
         recs = dict(await store.applied(volume))
+        replicas = dict(await store.replicas(volume))
         nodes = await self.live_nodes(max_age=1.0)
         mine = self.progress(volume)
         if mine is not None:
             recs[self.node] = {**mine, "at": time.time()}
-        names = set(holders) | set(recs)
+        names = set(holders) | set(recs) | set(replicas)
         out = []
+        now = time.time()
         for n in sorted(names):
             rec = recs.get(n, {})
-            rev = int(rec.get("revision", 0) or 0)
-            out.append({"node": n, "live": n in nodes, "applied_revision": rev,
+            durable = replicas.get(n, {})
+            live = n in nodes
+            # A live node's progress is its lease-bound record; an offline one's, its durable record.
+            rev = int(rec.get("revision", 0) or 0) if rec else int(durable.get("applied_revision", 0) or 0)
+            out.append({"node": n, "live": live, "applied_revision": rev,
                         "behind_revisions": max(0, latest - rev), "converged": rev >= latest,
-                        "ready": bool(rec.get("ready", False)), "pending": int(rec.get("pending", 0) or 0),
+                        "ready": bool(rec.get("ready", durable.get("ready", False))),
+                        "pending": int(rec.get("pending", 0) or 0),
                         "lag_seconds": float(rec.get("lag_seconds", 0.0) or 0.0),
-                        "updated_at": float(rec.get("at", 0.0) or 0.0)})
-        return {"volume": volume, "latest_revision": latest, "nodes": out,
+                        "updated_at": float(rec.get("at", 0.0) or 0.0),
+                        "last_seen": round(now, 3) if live else float(durable.get("last_seen", 0.0) or 0.0),
+                        "replica_since": float(durable.get("since", 0.0) or 0.0)})
+        offline = [x["node"] for x in out if not x["live"]]
+        return {"volume": volume, "latest_revision": latest, "nodes": out, "offline": offline,
                 "converged": bool(out) and all(x["converged"] for x in out if x["live"])}
 
     async def applied_by_node(self) -> dict[str, dict[str, dict[str, Any]]]:

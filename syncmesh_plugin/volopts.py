@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import CONFLICT_MODES, Duration, _coerce
+from .config import CONFLICT_MODES, MOUNT_TIMEOUT_MAX, Duration, _coerce
+from .placement import parse_replicas
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_RULE = "volume names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at most 255 bytes"
@@ -38,10 +39,15 @@ class VolumeOptions:
     compression: bool = True
     ignore: tuple[str, ...] = ()
     mount_timeout: float | None = None  # None: the node's sync.mount_timeout
+    mount_partial: bool = False  # a first Mount may return before this node has the whole volume
+    replicas: str = ""  # placement ahead of mounts: "all", a number, or "" (from the first Mount or Create)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ignore"] = list(self.ignore)
+        for later in ("mount_partial", "replicas"):  # options added later are stored only when set
+            if not d[later]:
+                del d[later]
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -52,6 +58,8 @@ class VolumeOptions:
             compression=bool(data.get("compression", True)),
             ignore=tuple(data.get("ignore", ())),
             mount_timeout=data.get("mount_timeout"),
+            mount_partial=bool(data.get("mount_partial", False)),
+            replicas=str(data.get("replicas", "") or ""),
         )
 
 
@@ -60,7 +68,9 @@ OPTION_HELP = {
     "keep_conflict_copies": "true|false",
     "compression": "true|false",
     "ignore": "comma-separated gitignore-style patterns, e.g. '*.lock,cache/'",
-    "mount_timeout": "duration such as 60s",
+    "mount_timeout": f"duration such as 25s, at most {MOUNT_TIMEOUT_MAX:.0f}s",
+    "mount_partial": "true|false",
+    "replicas": "all, or a number of nodes that hold the volume ahead of any mount",
 }
 
 
@@ -85,10 +95,14 @@ def parse_options(opts: Any) -> VolumeOptions:
                 if value not in CONFLICT_MODES:
                     raise ValueError
                 kwargs[key] = value
-            elif key in ("keep_conflict_copies", "compression"):
+            elif key in ("keep_conflict_copies", "compression", "mount_partial"):
                 kwargs[key] = _coerce(key, bool, value, from_env=True)
             elif key == "mount_timeout":
                 kwargs[key] = float(_coerce(key, Duration, value, from_env=True))
+                if not 1 <= kwargs[key] <= MOUNT_TIMEOUT_MAX:
+                    raise ValueError
+            elif key == "replicas":
+                kwargs[key] = parse_replicas(value)
             elif key == "ignore":
                 pats = tuple(p.strip() for p in value.split(",") if p.strip())
                 for p in pats:

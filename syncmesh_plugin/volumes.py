@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from . import placement
 from .engine import Engine
 from .membership import Membership
 from .meta import EtcdStore, EtcdUnavailable, ResyncRequired, WatchInterrupted, dumps, loads
@@ -51,6 +52,7 @@ class VolumeManager:
         self.connect_wait = connect_wait
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._watch_task: asyncio.Task[None] | None = None
+        self.on_release: Callable[[str], None] = lambda name: None  # ops stops writing its replica record
 
     # ---- helpers
     def mountpoint(self, name: str) -> str:
@@ -99,12 +101,18 @@ class VolumeManager:
             await self._hold(name, record)
 
     async def _hold(self, name: str, record: dict[str, Any]) -> None:
-        """This node keeps a replica from now on (it was created or mounted here)."""
+        """This node keeps a replica from now on (created, mounted or placed here, or held by an operator)."""
         await self.engine.attach(name, VolumeOptions.from_json(record.get("options", {})))
         m = self.get_membership()
         if m is not None:
             with contextlib.suppress(EtcdUnavailable):
                 await m.bind(m.store.key("holders", name, self.node_id), dumps({"at": time.time()}))
+                if not self.state.get_meta(f"held_since:{name}"):
+                    # The durable record exists from the first moment (ops keeps it current from then on).
+                    now = round(time.time(), 3)
+                    await m.store.put_replica(name, self.node_id, {"applied_revision": self.state.revision(name),
+                                                                   "ready": False, "since": now, "last_seen": now})
+                    self.state.set_meta(f"held_since:{name}", str(now))
 
     async def _fetch_record(self, name: str) -> dict[str, Any]:
         """A volume created elsewhere a moment ago may not have reached our registry watch yet."""
@@ -149,16 +157,39 @@ class VolumeManager:
             raise VolumeError("Mount needs the ID field (a string)")
         async with self._locks[name]:
             rec = self.state.volume(name) or await self._fetch_record(name)
-            first = name not in self.engine.volumes or not self.engine.volumes[name].ready.is_set()
+            opts = VolumeOptions.from_json(rec.get("options", {}))
+            first = name not in self.engine.volumes or not self.engine.volumes[name].complete.is_set()
             await self._hold(name, rec)
             if first:
-                timeout = float(rec.get("options", {}).get("mount_timeout") or self.mount_timeout)
+                # Bounded by dockerd's own deadline for Mount (sync.mount_timeout <= 110 s < 120 s).
+                timeout = float(opts.mount_timeout or self.mount_timeout)
                 if not await self.engine.wait_ready(name, timeout):
-                    log.warning("volume %s: not converged within %.0fs of Mount; mounting, sync continues", name,
-                                timeout, extra={"volume": name})
+                    await self._not_ready(name, timeout, opts.mount_partial)
             total = self.state.add_mount(name, mount_id)
             await self._publish_mounts(name, total)
             return self.mountpoint(name)
+
+    async def _not_ready(self, name: str, timeout: float, partial: bool) -> None:
+        """A first Mount that timed out. A replica that was complete once (a restart, etcd away) mounts
+        and catches up; one that never was fails with how far it got, unless the volume allows partial
+        mounts. Either way the node keeps holding and syncing, so Docker's or Swarm's retry succeeds."""
+        if self.state.get_meta(f"complete:{name}") or partial:
+            log.warning("volume %s: not caught up within %.0fs of Mount; mounting (%s), sync continues", name,
+                        timeout, "the replica was complete before" if not partial else "mount_partial=true",
+                        extra={"volume": name})
+            return
+        here = self.state.volume_stats(name)["files"]
+        total = ""
+        store = self.get_store()
+        if store is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                total = f" of about {await store.count_prefix(store.files_prefix(name)):,}"
+        log.warning("volume %s: first copy not complete within %.0fs of Mount (%d paths here%s); Mount refused, "
+                    "sync continues", name, timeout, here, total, extra={"volume": name})
+        raise VolumeError(
+            f"volume data: {here:,}{total} paths on this node ({self.node_id}), still syncing after {timeout:.0f}s; "
+            f"retry the container or service (the copy goes on), or place replicas ahead with --opt replicas=all; "
+            f"--opt mount_partial=true mounts before the copy is complete")
 
     async def unmount(self, name: Any, mount_id: Any) -> None:
         name = validate_name(name)
@@ -195,14 +226,19 @@ class VolumeManager:
         async with self._locks[name]:
             self._known(name)
             local = sum(self.state.mounts(name).values())
-            if local:
-                raise VolumeError(f"volume {name} is in use: mounted {local} time(s) on this node ({self.node_id})")
-            store = await self._store_soon()
+            # Mounted here: refused without waiting for etcd, naming the other nodes when etcd can say.
+            store = self.get_store() if local else await self._store_soon()
+            others: list[str] | None = None
+            if store is not None:
+                try:
+                    others = [n for n in await store.mounted_on(name) if n != self.node_id]
+                except EtcdUnavailable as exc:
+                    if not local:
+                        raise ClusterUnavailable(str(exc)) from None
+            if local or others:
+                raise VolumeError(self._in_use(name, local, others))
+            store = self._store()
             try:
-                _, kvs = await store.get_all(store.key("mounts", name) + b"/")
-                nodes = sorted(kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs)
-                if nodes:
-                    raise VolumeError(f"volume {name} is in use: mounted on node(s) {', '.join(nodes)}")
                 await store.delete(store.key("volumes", name))
                 for part in ("files", "mounts", "holders", "applied"):
                     await store.delete_prefix(store.key(part, name) + b"/")
@@ -210,6 +246,14 @@ class VolumeManager:
             except EtcdUnavailable as exc:
                 raise ClusterUnavailable(str(exc)) from None
             await self._drop_local(name)
+
+    def _in_use(self, name: str, local: int, others: list[str] | None) -> str:
+        """Remove's refusal: every node where the volume is mounted (removal is cluster-wide)."""
+        nodes = ([f"{self.node_id} (this node, {local} mount{'s' if local != 1 else ''})"] if local else []) \
+            + (others or [])
+        unknown = " and maybe others (etcd unreachable)" if others is None else ""
+        return (f"volume {name} is in use: mounted on node(s) {', '.join(nodes)}{unknown}; stop the containers "
+                f"using it there first (docker volume rm removes a syncmesh volume on every node)")
 
     async def _drop_local(self, name: str) -> None:
         m = self.get_membership()
@@ -220,6 +264,121 @@ class VolumeManager:
         self.state.clear_mounts(name)
         self.state.delete_volume(name)
         log.info("volume %s removed on this node", name, extra={"volume": name})
+
+    # ---- replicas: held ahead of mounts, released by an operator
+    async def hold(self, name: Any) -> dict[str, Any]:
+        """Keep a replica of the volume on this node from now on, mounted or not (`syncmesh-plugin hold`)."""
+        name = validate_name(name)
+        async with self._locks[name]:
+            rec = self.state.volume(name) or await self._fetch_record(name)
+            was = name in self.engine.volumes
+            await self._hold(name, rec)
+        return {"volume": name, "node": self.node_id, "held": True, "already": was}
+
+    async def replica_views(self, name: str) -> tuple[int, list[placement.ReplicaView]]:
+        """The volume's latest revision and every replica (durable records, live progress where known)."""
+        store = await self._store_soon()
+        m = self.get_membership()
+        try:
+            latest = await store.latest_revision(name)
+            records: dict[str, dict[str, Any]] = {n: dict(r) for n, r in await store.replicas(name)}
+            for n, rec in await store.applied(name):
+                records.setdefault(n, {})["applied_revision"] = int(rec.get("revision", 0) or 0)
+            live = set(await m.nodes()) if m is not None else {self.node_id}
+        except EtcdUnavailable as exc:
+            raise ClusterUnavailable(str(exc)) from None
+        vs = self.engine.volumes.get(name)
+        if vs is not None:  # this node's own progress, as of now
+            own = max(self.state.revision(name), vs.status.revision if not vs.deferred else 0)
+            records.setdefault(self.node_id, {})["applied_revision"] = own
+        return latest, placement.replica_views(latest, records, live, time.time())
+
+    async def release(self, name: Any) -> dict[str, Any]:
+        """Stop holding the volume here and delete this node's copy, unless that would lose the last
+        complete replica, leave a placement short, or pull it from under a mount."""
+        name = validate_name(name)
+        async with self._locks[name]:
+            rec = self._known(name)
+            if name not in self.engine.volumes:
+                raise VolumeError(f"volume {name} is not held on this node ({self.node_id})")
+            latest, views = await self.replica_views(name)
+            spec = VolumeOptions.from_json(rec.get("options", {})).replicas
+            reason = placement.release_refusal(name, spec, self.node_id, latest, views,
+                                               sum(self.state.mounts(name).values()))
+            if reason:
+                raise VolumeError(f"cannot release {name}: {reason}")
+            store = self._store()
+            m = self.get_membership()
+            try:
+                if m is not None:
+                    await m.unbind(m.store.keys.holder_key(name, self.node_id))
+                    await m.unbind(m.store.keys.applied_key(name, self.node_id))
+                self.on_release(name)
+                await store.delete_replica(name, self.node_id)
+            except EtcdUnavailable as exc:
+                raise ClusterUnavailable(str(exc)) from None
+            await self.engine.detach(name, delete_data=True)
+            self.state.set_meta(f"held_since:{name}", "")
+            self.state.set_meta(f"complete:{name}", "")
+            log.info("volume %s released on this node (its copy deleted; %d other replica(s))", name,
+                     sum(1 for v in views if v.node != self.node_id), extra={"volume": name})
+        return {"volume": name, "node": self.node_id, "released": True}
+
+    async def place(self) -> list[str]:
+        """Start holding the volumes whose placement (`replicas`) wants a replica on this node."""
+        placed = {n: r for n, r in self.state.volumes().items()
+                  if VolumeOptions.from_json(r.get("options", {})).replicas and n not in self.engine.volumes}
+        store, m = self.get_store(), self.get_membership()
+        if not placed or store is None or m is None:
+            return []
+        live = set(await m.nodes())
+        holders: dict[str, set[str]] = defaultdict(set)
+        for node, names in (await store.holders_by_node()).items():
+            for n in names:
+                holders[n].add(node)
+        out = []
+        for name, rec in sorted(placed.items()):
+            spec = VolumeOptions.from_json(rec.get("options", {})).replicas
+            if placement.wanted(name, spec, self.node_id, live, holders[name]):
+                async with self._locks[name]:
+                    if name in self.engine.volumes or self.state.volume(name) is None:
+                        continue
+                    await self._hold(name, rec)
+                log.info("volume %s: holding a replica here (replicas=%s)", name, spec, extra={"volume": name})
+                out.append(name)
+        return out
+
+    async def placement_loop(self, interval: float = 2.0) -> None:
+        """Volumes placed with `replicas` are held ahead of any mount: on every node for `all`, on
+        enough live nodes for a number (a node taking over when a holder is down)."""
+        while True:
+            try:
+                await self.place()
+            except (EtcdUnavailable, ClusterUnavailable):
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # placement must outlive any one failure
+                log.exception("replica placement failed; trying again")
+            await asyncio.sleep(interval)
+
+    async def forget_node(self, node: Any) -> dict[str, Any]:
+        """An operator says `node` will not come back: its replica records go, so no view waits for it."""
+        if not isinstance(node, str) or not node or "/" in node or len(node) > 253:
+            raise VolumeError("forget needs a node id")
+        store = await self._store_soon()
+        m = self.get_membership()
+        try:
+            live = set(await m.nodes()) if m is not None else set()
+            if node in live:
+                raise VolumeError(f"node {node} is live: stop it (or release its volumes) before forgetting it")
+            gone = [v for v, n, _ in await store.replicas_all() if n == node]
+            for v in gone:
+                await store.delete_replica(v, node)
+        except EtcdUnavailable as exc:
+            raise ClusterUnavailable(str(exc)) from None
+        log.warning("node %s forgotten: its replica records of %d volume(s) removed", node, len(gone))
+        return {"node": node, "forgotten": True, "replicas_removed": sorted(gone)}
 
     # ---- registry copy
     async def sync_registry(self) -> int:

@@ -13,7 +13,8 @@ import click
 from . import cluster, files, node, volumes
 from .client import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEM, EXIT_UNREACHABLE, Client
 
-COMMANDS: list[click.Command] = [node.status, cluster.nodes, cluster.watch, volumes.volumes, volumes.inspect,
-                                 volumes.conflicts, volumes.resume, volumes.resync, files.files, files.verify]
+COMMANDS: list[click.Command] = [node.status, cluster.nodes, cluster.watch, cluster.forget, volumes.volumes,
+                                 volumes.inspect, volumes.conflicts, volumes.resume, volumes.resync, volumes.hold,
+                                 volumes.release, files.files, files.verify]
 
 __all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEM", "EXIT_UNREACHABLE", "Client"]

@@ -78,3 +78,18 @@ def watch(c: Client, as_json: bool, volume: str | None, interval: float, count: 
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+
+
+@admin_command()
+@click.argument("node_id")
+def forget(c: Client, as_json: bool, node_id: str) -> int:
+    """Forget NODE_ID, a node that will not come back: its replica records are removed, so `verify`,
+    `inspect` and the placement stop counting it. Refused while the node is live."""
+    data = c.must("POST", f"/api/v1/cluster/nodes/{q(node_id)}/forget")
+    if as_json:
+        emit_json(data)
+    else:
+        gone = data.get("replicas_removed", [])
+        click.echo(f"node {node_id} forgotten: {len(gone)} replica record(s) removed"
+                   + (f" ({', '.join(gone)})" if gone else ""))
+    return 0

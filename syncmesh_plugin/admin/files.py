@@ -47,6 +47,10 @@ def verify(c: Client, as_json: bool, volume: str, settle: float) -> int:
     """Compare every holder's digests of VOLUME; list differences. Exit 1 when they differ."""
     nodes = c.must("GET", "/api/v1/cluster/nodes")["nodes"]
     holders = [n for n in nodes if volume in n["volumes"]]
+    # Every replica counts, live or not: one that cannot be asked is never called identical.
+    conv = c.must("GET", f"/api/v1/volumes/{q(volume)}").get("convergence", {})
+    live_ids = {n["node_id"] for n in holders}
+    offline = sorted({x["node"] for x in conv.get("nodes", []) if not x.get("live")} - live_ids)
     if not holders:
         c.must("GET", f"/api/v1/volumes/{q(volume)}")  # 404 -> exit 1 with the node's message
         click.echo(f"syncmesh-plugin: no live node holds {volume}", err=True)
@@ -90,6 +94,10 @@ def verify(c: Client, as_json: bool, volume: str, settle: float) -> int:
         time.sleep(settle)
         trees, failed = collect()
         differences = diff(trees)
+    for n in offline:
+        failed[n] = "offline: its replica cannot be asked (last seen " + next(
+            (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["last_seen"])) for x in conv.get("nodes", [])
+             if x["node"] == n and x.get("last_seen")), "never") + ")"
     total = max((len(t) for t in trees.values()), default=0)
     if as_json:
         emit_json({"volume": volume, "nodes": sorted(trees), "unreachable": failed, "paths": total,

@@ -1,4 +1,5 @@
-"""Volumes: `volumes`, `inspect`, `conflicts`, and the operator's requests `resume` and `resync`."""
+"""Volumes: `volumes`, `inspect`, `conflicts`, and the operator's requests `resume`, `resync`, `hold`
+and `release`."""
 
 from __future__ import annotations
 
@@ -50,10 +51,13 @@ def inspect(c: Client, as_json: bool, volume: str) -> int:
         click.echo(f"convergence unavailable: {conv['error']}")
         return 0
     click.echo(f"latest    revision {conv['latest_revision']}\n")
-    rows: list[tuple[Any, ...]] = [("NODE", "LIVE", "APPLIED", "BEHIND", "PENDING", "LAG(S)", "STATE")]
+    rows: list[tuple[Any, ...]] = [("NODE", "LIVE", "APPLIED", "BEHIND", "PENDING", "LAG(S)", "STATE", "LAST SEEN")]
     for n in conv["nodes"]:
-        rows.append((n["node"], "yes" if n["live"] else "no", n["applied_revision"], n["behind_revisions"],
-                     n["pending"], f"{n['lag_seconds']:.3f}", "converged" if n["converged"] else "behind"))
+        seen = n.get("last_seen", 0.0)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "-"
+        rows.append((n["node"], "yes" if n["live"] else "OFFLINE", n["applied_revision"], n["behind_revisions"],
+                     n["pending"], f"{n['lag_seconds']:.3f}", "converged" if n["converged"] else "behind",
+                     "now" if n["live"] else when))
     table(rows)
     return 0
 
@@ -105,4 +109,31 @@ def resync(c: Client, as_json: bool, volume: str, path: str | None) -> int:
     else:
         what = f"{volume}/{path}" if path else volume
         click.echo(f"{what}: {data['action']}" + (f" ({data['reason']})" if data.get("reason") else ""))
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+def hold(c: Client, as_json: bool, volume: str) -> int:
+    """Keep a replica of VOLUME on this node from now on, mounted or not (a Swarm task moved here
+    then finds its data in place)."""
+    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/hold")
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"volume {volume}: held on {data['node']}" + (" (already)" if data.get("already") else
+                                                                   "; syncing (see `inspect`)"))
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+def release(c: Client, as_json: bool, volume: str) -> int:
+    """Stop holding VOLUME on this node and delete this node's copy. Refused, with the reason, when
+    it is the last complete replica, when the volume's placement needs it, or while it is mounted here."""
+    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/release")
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"volume {volume}: released on {data['node']} (its copy deleted)")
     return 0

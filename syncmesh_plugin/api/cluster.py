@@ -7,6 +7,9 @@ from typing import Any
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
+from ..volopts import VolumeError
+from ..volumes import ClusterUnavailable
+from .common import ApiError, registry
 from .deps import CLUSTER, INDEX, NODE, ClusterView
 
 routes = web.RouteTableDef()
@@ -63,3 +66,14 @@ async def cluster_nodes(request: web.Request) -> web.Response:
                     "leader": n == ops.leader, "circuit": health.get(n, {}).get("circuit", "closed"),
                     "volumes": holders.get(n, [])})
     return web.json_response({"nodes": out, "leader": ops.leader})
+
+
+@routes.post("/api/v1/cluster/nodes/{node}/forget")
+async def forget(request: web.Request) -> web.Response:
+    """A node that will not come back: its replica records are removed, so no view waits for it."""
+    try:
+        return web.json_response(await registry(request).forget_node(request.match_info["node"]))
+    except VolumeError as exc:
+        raise ApiError(409, str(exc)) from None
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None

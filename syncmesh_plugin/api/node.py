@@ -28,7 +28,9 @@ async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     comps = node.health()
     ok = all(c["ok"] for c in comps.values())
-    return web.json_response({"status": "ok" if ok else "degraded", "node": node.node_id,
+    # A volume short of the replicas its placement asks for still serves: "degraded", but not a 503.
+    short = bool(comps.get("replicas", {}).get("degraded"))
+    return web.json_response({"status": "ok" if ok and not short else "degraded", "node": node.node_id,
                               "components": comps}, status=200 if ok else 503)
 
 

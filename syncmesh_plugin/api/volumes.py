@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
-from .common import held, known, registry
+from ..volopts import VolumeError
+from ..volumes import ClusterUnavailable
+from .common import ApiError, held, known, registry
 from .deps import CLUSTER, EVENTS, INDEX, NODE, VOLUMES
 
 routes = web.RouteTableDef()
@@ -82,3 +84,28 @@ async def resume(request: web.Request) -> web.Response:
         return web.json_response({"error": f"volume {name} is not held on this node"}, status=404)
     await request.app[VOLUMES].resume(name, restore=mode == "restore")
     return web.json_response({"volume": name, "mode": mode, "was_paused": snap.paused})
+
+
+@routes.post("/api/v1/volumes/{name}/hold")
+async def hold(request: web.Request) -> web.Response:
+    """Keep a replica on this node from now on, mounted or not."""
+    name = request.match_info["name"]
+    known(request, name)
+    try:
+        return web.json_response(await registry(request).hold(name))
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
+
+
+@routes.post("/api/v1/volumes/{name}/release")
+async def release(request: web.Request) -> web.Response:
+    """Stop holding the volume here and delete this node's copy; refused (409) with the reason when
+    that would lose the last complete replica, leave the placement short, or pull it from a mount."""
+    name = request.match_info["name"]
+    known(request, name)
+    try:
+        return web.json_response(await registry(request).release(name))
+    except VolumeError as exc:
+        raise ApiError(409, str(exc)) from None
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None

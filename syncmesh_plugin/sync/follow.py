@@ -214,6 +214,7 @@ class Follower(Stage):
             delay = min(delay * 2, 15.0) if self.vol.deferred else 1.0
             if len(self.vol.deferred) < DEFER_MAX // 2:
                 self.vol.drained.set()
+            self.vol.check_complete()
 
     async def refreshed(self, items: list[Pending]) -> list[Pending]:
         """Deferred items replaced by the version etcd holds now, when it is newer: a node must never keep

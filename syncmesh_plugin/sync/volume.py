@@ -62,7 +62,8 @@ class VolumeSync:
         self.keep_copies = options.keep_conflict_copies and ctx.keep_copies_default
         self.state = ctx.state
         self.lock = asyncio.Lock()
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # caught up with etcd's revision (changes may still be deferred)
+        self.complete = asyncio.Event()  # ready, and no change waits for chunks: every byte is here
         self.dirty: set[str] = set()
         self.rescan_needed = asyncio.Event()
         self.kick = asyncio.Event()
@@ -232,6 +233,14 @@ class VolumeSync:
             self.status.ready = True
             self.state.set_synced(self.name, True)
             self.ctx.emit("volume_ready", {"volume": self.name})
+        self.check_complete()
+
+    def check_complete(self) -> None:
+        """Caught up with etcd and nothing deferred: this node has every byte of the volume (until
+        then a first Mount waits, and never starts a container on a partial copy)."""
+        if self.ready.is_set() and not self.deferred and not self.complete.is_set():
+            self.complete.set()
+            self.state.set_meta(f"complete:{self.name}", "1")  # a Mount no longer waits for a first copy
 
     def on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """Run fn on the event loop: worker threads must not touch sets and dicts the loop iterates.

@@ -113,7 +113,8 @@ def test_mutual_tls_and_tokens_between_daemons(nodes, etcd, volume, tmp_path):
     n2 = nodes("n2", etcd, prefix, ctx=_client_ctx(pki, "n2"), token=ADMIN, SYNCMESH_SECURITY_HEALTH_OPEN="false",
                **_tls_env(pki, "n2"), **AUTH_ENV)
     assert n1.http("GET", "/api/v1/info")[1]["advertise"].startswith("https://127.0.0.1:")
-    n1.ok("VolumeDriver.Create", {"Name": volume})
+    # mount_partial: n3 (a stranger, below) must be able to mount a copy it can never complete
+    n1.ok("VolumeDriver.Create", {"Name": volume, "Opts": {"mount_partial": "true"}})
     n1.mount(volume)
     n2.mount(volume)
     write(n1.vol(volume) / "big.bin", BIG)

@@ -16,6 +16,8 @@ NODES = {"nodes": [{"node_id": "n1", "advertise": "http://a:1", "volumes": ["dat
 
 def fake_api(monkeypatch, routes):
     calls = []
+    # the volume's replicas, live and offline (verify asks); last, so more specific routes match first
+    routes.setdefault(("", "/api/v1/volumes/data"), (200, {"convergence": {"nodes": []}}))
 
     def request(self, method, path, *, exit_on_error=True):
         calls.append((self.base, method, path))
@@ -45,6 +47,42 @@ def test_verify_identical(monkeypatch):
     r = CliRunner().invoke(main, ["verify", "data", "--api", "http://a:1"])
     assert r.exit_code == 0, r.output
     assert "identical on 2 node(s)" in r.output and "2 path(s)" in r.output
+
+
+def test_verify_names_an_offline_replica_and_exits_3(monkeypatch):
+    """A replica whose node is down cannot be asked: never "identical"."""
+    same = [["a.txt", "file", "d1", "644"]]
+    conv = {"convergence": {"nodes": [{"node": "n1", "live": True}, {"node": "n2", "live": True},
+                                      {"node": "n3", "live": False, "last_seen": 1700000000.0}]}}
+    fake_api(monkeypatch, {("", "/api/v1/cluster/nodes"): (200, NODES),
+                           ("a:1", "/api/v1/volumes/data/digests"): digests(same),
+                           ("b:2", "/api/v1/volumes/data/digests"): digests(same),
+                           ("", "/api/v1/volumes/data"): (200, conv)})
+    r = CliRunner().invoke(main, ["verify", "data", "--api", "http://a:1"])
+    assert r.exit_code == 3, r.output
+    assert "n3: unreachable: offline: its replica cannot be asked (last seen" in r.output
+    assert "identical" not in r.output
+    r = CliRunner().invoke(main, ["verify", "data", "--api", "http://a:1", "--json"])
+    data = json.loads(r.output)
+    assert r.exit_code == 3 and not data["identical"] and "n3" in data["unreachable"]
+
+
+def test_hold_release_forget(monkeypatch):
+    calls = fake_api(monkeypatch, {
+        ("", "/api/v1/volumes/data/hold"): (200, {"volume": "data", "node": "n1", "held": True, "already": False}),
+        ("", "/api/v1/volumes/data/release"): (409, {"error": "cannot release data: n1 holds the last complete "
+                                                              "replica of data", "status": 409}),
+        ("", "/api/v1/cluster/nodes/n9/forget"): (200, {"node": "n9", "forgotten": True,
+                                                         "replicas_removed": ["data"]})})
+    r = CliRunner().invoke(main, ["hold", "data", "--api", "http://a:1"])
+    assert r.exit_code == 0 and "held on n1" in r.output
+    r = CliRunner().invoke(main, ["release", "data", "--api", "http://a:1"])
+    assert r.exit_code == 1 and "last complete replica" in r.output
+    r = CliRunner().invoke(main, ["forget", "n9", "--api", "http://a:1"])
+    assert r.exit_code == 0 and "1 replica record(s) removed (data)" in r.output
+    assert [(m, p) for _, m, p in calls] == [("POST", "/api/v1/volumes/data/hold"),
+                                             ("POST", "/api/v1/volumes/data/release"),
+                                             ("POST", "/api/v1/cluster/nodes/n9/forget")]
 
 
 def test_verify_lists_differences_and_exits_1(monkeypatch):

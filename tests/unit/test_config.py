@@ -58,7 +58,7 @@ def test_defaults_without_file_or_env(hostname: None) -> None:
     assert cfg.sync.conflict_resolution == "timestamp"
     assert cfg.sync.compression_enabled is True
     assert cfg.sync.keep_conflict_copies is True
-    assert cfg.sync.mount_timeout == 60.0
+    assert cfg.sync.mount_timeout == 25.0
     assert cfg.security.tls_enabled is False
     assert cfg.security.auth_enabled is False
     assert cfg.monitoring.enabled is True
@@ -104,7 +104,7 @@ sync:
   conflict_resolution: manual
   compression_enabled: false
   keep_conflict_copies: no
-  mount_timeout: 1h
+  mount_timeout: 100s
   debounce: 10ms
 security:
   tls_enabled: true
@@ -135,7 +135,7 @@ monitoring:
     assert cfg.sync.conflict_resolution == "manual"
     assert cfg.sync.compression_enabled is False
     assert cfg.sync.keep_conflict_copies is False
-    assert cfg.sync.mount_timeout == 3600.0
+    assert cfg.sync.mount_timeout == 100.0
     assert cfg.sync.debounce == pytest.approx(0.01)
     assert cfg.security.tls_enabled is True
     assert cfg.security.auth_tokens == ["tok1", "tok2"]
@@ -175,9 +175,20 @@ def test_env_endpoint_list_trims_and_drops_empty_items(hostname: None) -> None:
     ("500ms", 0.5), ("2s", 2.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), (" 3 s ", 3.0),
 ])
 def test_env_durations(hostname: None, text: str, seconds: float) -> None:
-    cfg = load_config(None, {"SYNCMESH_SYNC_MOUNT_TIMEOUT": text})
-    assert cfg.sync.mount_timeout == pytest.approx(seconds)
-    assert isinstance(cfg.sync.mount_timeout, Duration)
+    cfg = load_config(None, {"SYNCMESH_ETCD_TIMEOUT": text})
+    assert cfg.etcd.timeout == pytest.approx(seconds)
+    assert isinstance(cfg.etcd.timeout, Duration)
+
+
+@pytest.mark.parametrize(("text", "ok"), [("1s", True), ("25s", True), ("110s", True), ("500ms", False),
+                                          ("111s", False), ("2m", False)])
+def test_mount_timeout_stays_inside_dockerds_deadline(hostname: None, text: str, ok: bool) -> None:
+    env = {"SYNCMESH_SYNC_MOUNT_TIMEOUT": text}
+    if ok:
+        assert load_config(None, env).sync.mount_timeout > 0
+    else:
+        with pytest.raises(ConfigError, match=r"sync\.mount_timeout.*dockerd gives a volume plugin's Mount 120 s"):
+            load_config(None, env)
 
 
 def test_env_sync_interval_units(hostname: None) -> None:

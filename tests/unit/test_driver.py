@@ -40,8 +40,12 @@ class Harness:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, await resp.json()
 
-    def seed(self, name: str = "vol1", **over: Any) -> None:
+    def seed(self, name: str = "vol1", complete: bool = True, **over: Any) -> None:
+        """A volume known here; `complete`: this node had a whole copy of it once (a Mount then never
+        waits for a first copy)."""
         self.state.put_volume(name, {**RECORD, "name": name, **over}, 1)
+        if complete:
+            self.state.set_meta(f"complete:{name}", "1")
 
 
 async def _fetch(volume: str, ids: list[str], peers: list[str]) -> dict[str, bytes]:
@@ -170,7 +174,27 @@ async def test_path(h: Harness) -> None:
 # ---- Mount / Unmount / Remove with etcd down
 
 
+async def test_first_mount_of_a_never_copied_volume_fails_with_its_progress(h: Harness) -> None:
+    """etcd is down and this node never had the volume: the container must not start on a partial
+    copy. The Err says how far the copy got and what to do; the node keeps holding the volume."""
+    h.seed(complete=False)
+    status, body = await h.call("VolumeDriver.Mount", {"Name": "vol1", "ID": "c1"})
+    assert status == 500
+    assert body["Err"].startswith("volume data: 0 paths on this node (n1), still syncing after 0s; retry")
+    assert "replicas=all" in body["Err"] and "mount_partial=true" in body["Err"]
+    assert h.state.mounts("vol1") == {}
+    assert "vol1" in h.engine.volumes and "vol1" in h.state.held()  # the copy goes on
+
+
+async def test_first_mount_with_mount_partial_mounts_at_once(h: Harness) -> None:
+    h.seed(complete=False, options={"mount_partial": True})
+    status, body = await h.call("VolumeDriver.Mount", {"Name": "vol1", "ID": "c1"})
+    assert status == 200, body
+    assert h.state.mounts("vol1") == {"c1": 1}
+
+
 async def test_mount_known_volume_while_etcd_down(h: Harness) -> None:
+    """A replica that was complete once (before a restart, say) mounts while etcd is away."""
     h.seed()
     status, body = await h.call("VolumeDriver.Mount", {"Name": "vol1", "ID": "c1"})
     assert status == 200, body
@@ -223,7 +247,10 @@ async def test_remove_while_mounted(h: Harness) -> None:
     status, body = await h.call("VolumeDriver.Remove", {"Name": "vol1"})
     assert status == 500
     assert "in use" in body["Err"]
-    assert body["Err"] == "volume vol1 is in use: mounted 1 time(s) on this node (n1)"
+    # etcd is unreachable here: this node is named, the others cannot be known
+    assert body["Err"] == ("volume vol1 is in use: mounted on node(s) n1 (this node, 1 mount) and maybe others "
+                           "(etcd unreachable); stop the containers using it there first (docker volume rm "
+                           "removes a syncmesh volume on every node)")
     assert h.state.volume("vol1") is not None
 
 

@@ -60,7 +60,9 @@ def test_names_and_pairs_parse_back() -> None:
 
 def test_volume_removal_covers_every_per_volume_prefix() -> None:
     assert KS.volume_prefixes("v") == [KS.files_prefix("v"), KS.mounts_prefix("v"), KS.holders_prefix("v"),
-                                       KS.applied_prefix("v")]
+                                       KS.applied_prefix("v"), KS.replicas_prefix("v")]
+    assert KS.replica_key("v", "n1") == KS.replicas_prefix("v") + b"n1"
+    assert KS.pair_under(KS.replicas_prefix(), KS.replica_key("v", "n1")) == ("v", "n1")
 
 
 def test_another_prefix_is_another_cluster() -> None:

@@ -93,17 +93,19 @@ def test_non_string_values_are_stringified() -> None:
     assert opts.mount_timeout == 30.0
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("60s", 60.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0),
-                                               ("15", 15.0), ("0", 0.0)])
+@pytest.mark.parametrize(("text", "seconds"), [("60s", 60.0), ("1m", 60.0), ("110s", 110.0), ("15", 15.0),
+                                               ("1s", 1.0), ("1500ms", 1.5)])
 def test_mount_timeout_valid(text: str, seconds: float) -> None:
     opts = parse_options({"mount_timeout": text})
     assert opts.mount_timeout == pytest.approx(seconds)
     assert type(opts.mount_timeout) is float  # plain float, safe to store as JSON
 
 
-@pytest.mark.parametrize("text", ["soon", "-1s", "10 days", "", "1e3"])
+# dockerd cuts a plugin's Mount at 120 s: a wait that long would fail in Docker, not here with a reason.
+@pytest.mark.parametrize("text", ["soon", "-1s", "10 days", "", "1e3", "500ms", "0", "2m", "1h"])
 def test_mount_timeout_invalid(text: str) -> None:
-    with pytest.raises(VolumeError, match=r"for volume option mount_timeout: expected duration such as 60s"):
+    with pytest.raises(VolumeError, match=r"for volume option mount_timeout: expected duration such as 25s, at most "
+                                          r"110s"):
         parse_options({"mount_timeout": text})
 
 
@@ -160,3 +162,10 @@ def test_to_json_drops_unset_and_from_json_round_trips() -> None:
 
 def test_from_json_empty_is_defaults() -> None:
     assert VolumeOptions.from_json({}) == VolumeOptions()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), (True, True), ("yes", True)])
+def test_mount_partial(value: object, expected: bool) -> None:
+    opts = parse_options({"mount_partial": value})
+    assert opts.mount_partial is expected
+    assert VolumeOptions.from_json(opts.to_json()).mount_partial is expected
