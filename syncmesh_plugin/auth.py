@@ -1,5 +1,12 @@
 """Bearer-token authorization for the daemon's HTTP server (API, metrics and the peer chunk routes).
 
+With the cluster's own PKI (security.tls_enabled with no certificate files, the default) the API is
+locked whatever `security.auth_enabled` says: a client certificate of the cluster's CA is an admin (the
+peers, and the CLI on a node's host, which reads the node's certificate from the data root); without
+one a token is needed (the node's own tokens in <data_root>/pki, plus any configured); /metrics also
+answers GETs from the node's own host (loopback). A request on a connection whose certificate has been
+revoked since the handshake is refused (403) and the connection closed.
+
 Two roles:
 
 - admin (`security.auth_tokens`): every endpoint. Peers are admins: the first admin token is what this
@@ -18,10 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -32,6 +42,7 @@ log = logging.getLogger(__name__)
 ADMIN = "admin"
 READONLY = "readonly"
 HEALTH_PATH = "/api/v1/health"
+METRICS_PATHS = frozenset({"/metrics", "/api/v1/metrics"})
 CHUNKS_PREFIX = "/api/v1/chunks/"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -95,6 +106,29 @@ def _json_error(exc: type[web.HTTPException], message: str, **headers: str) -> w
     return exc(text=json.dumps({"error": message}), content_type="application/json", headers=headers or None)
 
 
+def peer_certificate(request: web.Request) -> dict[str, Any] | None:
+    """The client's certificate as ssl verified it in the handshake; None without one (or without TLS)."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    return cert if isinstance(cert, dict) and cert else None
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class AutoAccess:
+    """The API's rules with the cluster's own PKI: locked, a cluster certificate is an admin."""
+
+    admin_tokens: Sequence[str]  # this node's own (pki/admin-token), beside security.auth_tokens
+    readonly_tokens: Sequence[str]
+    revoked: Callable[[], frozenset[str]]  # serials revoked since connections were opened
+
+
 def make_middleware(
     *,
     enabled: bool,
@@ -102,17 +136,30 @@ def make_middleware(
     readonly_tokens: Sequence[str] = (),
     health_open: bool = True,
     max_body: int | None = None,
+    auto: AutoAccess | None = None,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """The aiohttp middleware enforcing the rules above (and the Content-Length cap, auth on or off)."""
+    if auto is not None:
+        enabled = True
+        admin_tokens = [*admin_tokens, *auto.admin_tokens]
+        readonly_tokens = [*readonly_tokens, *auto.readonly_tokens]
     checker = TokenChecker(admin_tokens, readonly_tokens)
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        peer = peer_certificate(request) if auto is not None else None
+        if peer is not None and auto is not None and str(peer.get("serialNumber", "")).upper() in auto.revoked():
+            metrics.rejected_input.labels("auth").inc()
+            _log_refusal(request, "revoked client certificate")
+            raise _json_error(web.HTTPForbidden, "this client certificate has been revoked", Connection="close")
         # The status page itself is static HTML with no data in it; everything it shows comes from the
         # API, with the token the operator types into the page.
         public = (health_open and request.path == HEALTH_PATH) or (request.path == "/" and request.method == "GET")
+        if (auto is not None and request.path in METRICS_PATHS and request.method in READ_METHODS
+                and _loopback(request.remote)):
+            public = True  # Prometheus or curl on the node's own host
         if enabled and not public:
-            role = checker.role(bearer_token(request))
+            role = ADMIN if peer is not None else checker.role(bearer_token(request))
             if role is None:
                 metrics.rejected_input.labels("auth").inc()
                 _log_refusal(request, "missing or invalid bearer token")

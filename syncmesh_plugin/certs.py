@@ -5,7 +5,8 @@ signed by that CA, valid as both a TLS server and a TLS client certificate (the 
 node's HTTPS certificate and its client certificate towards peers), with subject alternative names
 for the node name, localhost, 127.0.0.1 and every --host given (names or IP addresses).
 
-Keys are ECDSA P-256. Nothing here is ever logged.
+Keys are ECDSA P-256. Nothing here is ever logged. The builders (build_ca, sign_node) are also what the
+cluster's automatic PKI (pki.py, autotls.py) uses.
 """
 
 from __future__ import annotations
@@ -78,9 +79,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def init_ca(directory: str, *, name: str = "syncmesh CA", days: int = CA_DAYS, force: bool = False) -> Issued:
-    """Create a CA certificate and key in ``directory``; refuse to overwrite one unless ``force``."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+def build_ca(name: str = "syncmesh CA", *, days: int = CA_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate (path length 0: it signs node certificates only) and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "syncmesh")])
@@ -98,6 +98,13 @@ def init_ca(directory: str, *, name: str = "syncmesh CA", days: int = CA_DAYS, f
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def init_ca(directory: str, *, name: str = "syncmesh CA", days: int = CA_DAYS, force: bool = False) -> Issued:
+    """Create a CA certificate and key in ``directory``; refuse to overwrite one unless ``force``."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cert, key = build_ca(name, days=days)
     return _save(directory, CA_KEY, CA_CERT, key, cert, force)
 
 
@@ -118,7 +125,7 @@ def _load_ca(directory: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     return cert, key
 
 
-def _san(hosts: Sequence[str]) -> list[x509.GeneralName]:
+def san_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     seen: set[str] = set()
     for h in hosts:
@@ -137,24 +144,28 @@ def _san(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return out
 
 
-def issue(directory: str, node: str, hosts: Sequence[str] = (), *, days: int = NODE_DAYS,
-          force: bool = False) -> Issued:
-    """Issue NODE.pem / NODE-key.pem in ``directory``, signed by the CA found there."""
+def check_node_name(node: str) -> None:
     if not _NODE_RE.fullmatch(node):
         raise CertError(f"node name {node!r}: letters, digits, '_', '.', '-' (at most 63, starting with a "
                         "letter or digit)")
-    ca_cert, ca_key = _load_ca(directory)
-    key = ec.generate_private_key(ec.SECP256R1())
+
+
+def sign_node(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, node: str,
+              public_key: ec.EllipticCurvePublicKey, hosts: Sequence[str] = (), *,
+              lifetime: datetime.timedelta = datetime.timedelta(days=NODE_DAYS)) -> x509.Certificate:
+    """A certificate for ``node``'s public key signed by the CA, valid as TLS server and client, naming
+    the node, every host given, localhost and 127.0.0.1; never valid past the CA itself."""
+    check_node_name(node)
     now = _now()
-    names = _san([node.replace("_", "-"), *hosts, "localhost", "127.0.0.1"])
-    cert = (
+    names = san_names([node.replace("_", "-"), *hosts, "localhost", "127.0.0.1"])
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node),
                                  x509.NameAttribute(NameOID.ORGANIZATION_NAME, "syncmesh")]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject).public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_agreement=True,
                                      key_cert_sign=False, crl_sign=False, content_commitment=False,
@@ -163,8 +174,17 @@ def issue(directory: str, node: str, hosts: Sequence[str] = (), *, days: int = N
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def issue(directory: str, node: str, hosts: Sequence[str] = (), *, days: int = NODE_DAYS,
+          force: bool = False) -> Issued:
+    """Issue NODE.pem / NODE-key.pem in ``directory``, signed by the CA found there."""
+    check_node_name(node)
+    ca_cert, ca_key = _load_ca(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_node(ca_cert, ca_key, node, key.public_key(), hosts, lifetime=datetime.timedelta(days=days))
     return _save(directory, f"{node}-key.pem", f"{node}.pem", key, cert, force)

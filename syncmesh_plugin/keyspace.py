@@ -10,6 +10,11 @@ Keys under the prefix (default /syncmesh/v1):
   holders/<volume>/<node>       "node holds a replica", under the node's lease
   applied/<volume>/<node>       how far the node has applied the volume, under the node's lease
   election/<name>/<node>        housekeeping election: the oldest registration leads
+  pki/ca                        the trust bundle: accepted CA certificates, the signing one, signatures
+  pki/crl                       one revocation list per CA, each signed by its CA
+  pki/csr/<node>                a node's certificate request (join proof or renewal proof)
+  pki/certs/<node>              the signer's answer: the certificate, or why it was refused
+  pki/nodes/<node>              a node's PKI state: trusted bundle seq, certificate CA and expiry
   ping, rev                     read to check etcd answers and to learn the current revision
 
 Names (node, volume) are validated elsewhere and never hold a "/"; paths do, so a file key is parsed
@@ -110,6 +115,26 @@ class Keyspace:
     def volume_prefixes(self, name: str) -> list[bytes]:
         """Every per-volume prefix a volume's removal deletes."""
         return [self._dir(part, name) for part in VOLUME_PARTS]
+
+    # ---- the cluster's PKI (autotls.py through meta.py)
+    def pki_key(self, name: str) -> bytes:
+        """pki/ca (trust bundle) or pki/crl (revocation lists)."""
+        return self.join("pki", name)
+
+    def csr_key(self, node: str) -> bytes:
+        return self.join("pki", "csr", node)
+
+    def csr_prefix(self) -> bytes:
+        return self._dir("pki", "csr")
+
+    def cert_key(self, node: str) -> bytes:
+        return self.join("pki", "certs", node)
+
+    def pki_node_key(self, node: str) -> bytes:
+        return self.join("pki", "nodes", node)
+
+    def pki_nodes_prefix(self) -> bytes:
+        return self._dir("pki", "nodes")
 
     # ---- parsing
     def path_of(self, volume: str, key: bytes) -> str:

@@ -602,6 +602,57 @@ class EtcdStore:
             await self.delete_prefix(prefix)
         await self.delete(self.keys.head_key(name))
 
+    # ---- the cluster's PKI (values are JSON; autotls.py verifies every signature, etcd is not trusted)
+    async def trust_bundle(self) -> KV | None:
+        return await self.get(self.keys.pki_key("ca"))
+
+    async def create_trust_bundle(self, value: bytes) -> tuple[bool, KV | None]:
+        """The first node's CA, unless another node's is already there (put-if-absent)."""
+        return await self.put_if_absent(self.keys.pki_key("ca"), value)
+
+    async def put_trust_bundle(self, value: bytes) -> None:
+        await self.put(self.keys.pki_key("ca"), value)
+
+    async def revocation_lists(self) -> KV | None:
+        return await self.get(self.keys.pki_key("crl"))
+
+    async def put_revocation_lists(self, value: bytes) -> None:
+        await self.put(self.keys.pki_key("crl"), value)
+
+    async def put_cert_request(self, node: str, value: bytes) -> None:
+        await self.put(self.keys.csr_key(node), value)
+
+    async def cert_requests(self) -> list[tuple[str, KV]]:
+        """(node, kv) of every pending certificate request."""
+        prefix = self.keys.csr_prefix()
+        _, kvs = await self.get_all(prefix)
+        return [(self.keys.name_under(prefix, kv.key), kv) for kv in kvs]
+
+    async def delete_cert_request(self, node: str, mod_revision: int) -> None:
+        """Delete a request unless the node has made a newer one meanwhile."""
+        await self.delete_if_unchanged([(self.keys.csr_key(node), mod_revision)])
+
+    async def cert_answer(self, node: str) -> KV | None:
+        return await self.get(self.keys.cert_key(node))
+
+    async def put_cert_answer(self, node: str, value: bytes) -> None:
+        await self.put(self.keys.cert_key(node), value)
+
+    async def delete_cert_answer(self, node: str) -> None:
+        await self.delete(self.keys.cert_key(node))
+
+    async def put_pki_state(self, node: str, rec: dict[str, Any]) -> None:
+        await self.put(self.keys.pki_node_key(node), dumps(rec))
+
+    async def pki_states(self) -> dict[str, dict[str, Any]]:
+        """node -> its PKI state (pki/nodes/<node>)."""
+        prefix = self.keys.pki_nodes_prefix()
+        _, kvs = await self.get_all(prefix)
+        return {self.keys.name_under(prefix, kv.key): rec for kv in kvs if (rec := record(kv.value)) is not None}
+
+    async def delete_pki_state(self, node: str) -> None:
+        await self.delete(self.keys.pki_node_key(node))
+
     # ---- leases
     async def grant_lease(self, ttl: int) -> int:
         resp = await self._call("lease", lambda: self.client.lease.grant(ttl=ttl, timeout=self.timeout))
