@@ -52,7 +52,8 @@ PLUGIN_REF := $(PLUGIN_NAME):$(PLUGIN_VERSION)
 DOCKER ?= docker
 # e.g. make plugin-enable PLUGIN_SETTINGS="SYNCMESH_ETCD_ENDPOINTS=http://10.0.0.5:2379 SYNCMESH_NODE_ID=n1"
 PLUGIN_SETTINGS ?=
-E2E_APT := docker.io:dockerd busybox-static:busybox mmdebstrap:mmdebstrap iproute2:ip iptables:iptables etcd-server:etcd
+E2E_APT := docker.io:dockerd busybox-static:busybox mmdebstrap:mmdebstrap iproute2:ip iptables:iptables etcd-server:etcd \
+	docker-registry:docker-registry
 
 .PHONY: plugin plugin-enable plugin-push e2e-deps
 
@@ -82,7 +83,8 @@ e2e-deps:
 	@$(call apt_need,$(E2E_APT))
 
 # Private dockerds (each in its own network and mount namespace; a host engine is left alone), legacy and
-# managed plugin, two hosts in network namespaces. Fails if the host's links, routes, iptables, mounts,
+# managed plugin, two hosts in network namespaces, a three-node Swarm (stack deploy, drain, plugin upgrade
+# from a local docker-registry). Fails if the host's links, routes, iptables, mounts,
 # /run/docker/plugins or its engine's objects differ afterwards (tests/hostguard.py). Needs root. Not part
 # of `make test`.
 e2e: install e2e-deps

@@ -58,13 +58,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 TOOLS = ("dockerd", "docker", "etcd", "busybox", "ip", "iptables", "iptables-save", "ip6tables-save", "nsenter",
-         "unshare", "mount", "umount")
+         "unshare", "mount", "umount", "docker-registry")
 
 
 def _require(tool: str) -> None:
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} not found: run `make e2e` (it apt-installs docker.io, busybox-static, mmdebstrap, "
-                    "iproute2, iptables, etcd-server)")
+                    "iproute2, iptables, etcd-server, docker-registry)")
 
 
 @pytest.fixture(scope="session", autouse=True)

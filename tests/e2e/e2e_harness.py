@@ -195,9 +195,10 @@ class Dockerd:
 
     _made = 0
 
-    def __init__(self, base: Path, netns: str | None = None) -> None:
+    def __init__(self, base: Path, netns: str | None = None, config: dict[str, Any] | None = None) -> None:
         self.base = base
         self.netns = netns
+        self.config = config or {}  # more daemon.json settings (e.g. insecure-registries)
         self.own_netns = netns is None
         if self.own_netns:
             Dockerd._made += 1
@@ -217,7 +218,8 @@ class Dockerd:
         self.base.mkdir(parents=True, exist_ok=True)
         self.plugins_dir.mkdir(mode=0o700, exist_ok=True)
         # {} keeps /etc/docker/daemon.json out; the key path keeps /etc/docker/key.json out.
-        (self.base / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.base / "key.json")}))
+        (self.base / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.base / "key.json"),
+                                                           **self.config}))
         dockerd = ["dockerd", "--config-file", str(self.base / "daemon.json"),
                    "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
                    "--pidfile", str(self.base / "docker.pid"), "-H", self.host,
@@ -361,8 +363,11 @@ class Network:
 
     SUBNET = "10.231.77"
 
-    def __init__(self, count: int) -> None:
-        tag = f"{os.getpid() % 10000}"
+    def __init__(self, count: int, subnet: str = SUBNET, tag: str = "") -> None:
+        """`subnet` (a /24's first three octets) and `tag` (a letter or two in the names) keep two networks
+        of one run apart."""
+        self.SUBNET = subnet
+        tag = f"{os.getpid() % 10000}{tag}"
         self.bridge = f"sme2e{tag}br"
         self.count = count
         self.ns = [f"sme2e{tag}h{n}" for n in range(1, count + 1)]

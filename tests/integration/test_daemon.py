@@ -64,11 +64,24 @@ def test_create_is_idempotent_across_nodes(cluster, volume):
 
 
 def test_remove_refused_while_mounted_on_another_node(cluster, volume):
-    a, b = cluster("n1"), cluster("n2")
+    a, b, c = cluster("n1"), cluster("n2"), cluster("n3")
     a.ok("VolumeDriver.Create", {"Name": volume})
     b.mount(volume, "m1")
     code, data = a.docker("VolumeDriver.Remove", {"Name": volume})
-    assert code == 500 and "in use" in data["Err"] and "n2" in data["Err"]
+    assert code == 500
+    assert data["Err"] == (f"volume {volume} is in use: mounted on node(s) n2; stop the containers using it there "
+                           "first (docker volume rm removes a syncmesh volume on every node)")
+    # mounted here too (twice) and on a third node: every node is named, this one first
+    c.mount(volume, "m3")
+    a.mount(volume, "m1a")
+    a.mount(volume, "m1b")
+    code, data = a.docker("VolumeDriver.Remove", {"Name": volume})
+    assert code == 500
+    assert data["Err"].startswith(f"volume {volume} is in use: mounted on node(s) n1 (this node, 2 mounts), n2, n3; ")
+    code, data = b.docker("VolumeDriver.Remove", {"Name": volume})
+    assert data["Err"].startswith(f"volume {volume} is in use: mounted on node(s) n2 (this node, 1 mount), n1, n3; ")
+    for node, mid in ((a, "m1a"), (a, "m1b"), (c, "m3")):
+        node.ok("VolumeDriver.Unmount", {"Name": volume, "ID": mid})
     b.ok("VolumeDriver.Unmount", {"Name": volume, "ID": "m1"})
     a.ok("VolumeDriver.Remove", {"Name": volume})
     # the other node drops its copy when it sees the removal
