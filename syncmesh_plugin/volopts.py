@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import CONFLICT_MODES, MOUNT_TIMEOUT_MAX, Duration, _coerce
 from .placement import parse_replicas
+from .sync.roles import parse_writers
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_RULE = "volume names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at most 255 bytes"
@@ -41,11 +42,13 @@ class VolumeOptions:
     mount_timeout: float | None = None  # None: the node's sync.mount_timeout
     mount_partial: bool = False  # a first Mount may return before this node has the whole volume
     replicas: str = ""  # placement ahead of mounts: "all", a number, or "" (from the first Mount or Create)
+    writers: tuple[str, ...] = ()  # the nodes whose changes the cluster takes (empty: every node)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ignore"] = list(self.ignore)
-        for later in ("mount_partial", "replicas"):  # options added later are stored only when set
+        d["writers"] = list(self.writers)
+        for later in ("mount_partial", "replicas", "writers"):  # options added later are stored only when set
             if not d[later]:
                 del d[later]
         return {k: v for k, v in d.items() if v is not None}
@@ -60,6 +63,7 @@ class VolumeOptions:
             mount_timeout=data.get("mount_timeout"),
             mount_partial=bool(data.get("mount_partial", False)),
             replicas=str(data.get("replicas", "") or ""),
+            writers=tuple(str(w) for w in data.get("writers", ()) or ()),
         )
 
 
@@ -71,6 +75,7 @@ OPTION_HELP = {
     "mount_timeout": f"duration such as 25s, at most {MOUNT_TIMEOUT_MAX:.0f}s",
     "mount_partial": "true|false",
     "replicas": "all, or a number of nodes that hold the volume ahead of any mount",
+    "writers": "comma-separated node ids whose changes the cluster takes, e.g. host1,host2",
 }
 
 
@@ -103,6 +108,8 @@ def parse_options(opts: Any) -> VolumeOptions:
                     raise ValueError
             elif key == "replicas":
                 kwargs[key] = parse_replicas(value)
+            elif key == "writers":
+                kwargs[key] = parse_writers(value)
             elif key == "ignore":
                 pats = tuple(p.strip() for p in value.split(",") if p.strip())
                 for p in pats:

@@ -161,11 +161,15 @@ class ConflictPlan:
     move_local: bool = False  # move our losing content aside under a conflict name
 
 
-def plan_conflict(mode: str, node_id: str, keep_copies: bool, local: Manifest, remote: Manifest) -> ConflictPlan:
+def plan_conflict(mode: str, node_id: str, keep_copies: bool, local: Manifest, remote: Manifest,
+                  send_only: bool = False) -> ConflictPlan:
     """How a conflict ends: who wins, and which loser is kept as a conflict copy (no write is lost
-    unless the user turned copies off; in `manual` mode ours is always kept)."""
+    unless the user turned copies off; in `manual` mode ours is always kept). A send-only replica
+    never takes a remote version: ours wins, theirs is kept as a copy for the others."""
     if local.content_equal(remote):
         return ConflictPlan(Winner.SAME)
+    if send_only:  # even our deletion wins; their content stays as a copy (nothing is lost)
+        return ConflictPlan(Winner.LOCAL, copy_remote=keep_copies and remote.kind == "file")
     if local_wins(mode, node_id, local, remote):
         return ConflictPlan(Winner.LOCAL, copy_remote=keep_copies and remote.kind == "file" and local.kind != "deleted")
     return ConflictPlan(Winner.REMOTE, move_local=local.kind == "file" and (keep_copies or mode == "manual"))

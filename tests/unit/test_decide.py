@@ -209,3 +209,14 @@ def test_plan_conflict(mode: str, keep: bool, local: Manifest, remote: Manifest,
                        move_local: bool) -> None:
     plan = plan_conflict(mode, "n1", keep, local, remote)
     assert (plan.winner, plan.copy_remote, plan.move_local) == (winner, copy_remote, move_local)
+
+
+@pytest.mark.parametrize(("local", "remote", "winner", "copy_remote"), [
+    (man(mtime=1, digest="a"), man(mtime=9, digest="b"), Winner.LOCAL, True),  # older, still ours
+    (man(kind="deleted"), man(mtime=9), Winner.LOCAL, True),  # even our deletion; their file kept as a copy
+    (man(digest="x"), man(digest="x"), Winner.SAME, False),
+])
+def test_a_send_only_replica_never_takes_a_remote_version(local: Manifest, remote: Manifest, winner: Winner,
+                                                           copy_remote: bool) -> None:
+    plan = plan_conflict("timestamp", "n1", True, local, remote, send_only=True)
+    assert (plan.winner, plan.copy_remote, plan.move_local) == (winner, copy_remote, False)
