@@ -60,8 +60,9 @@ _CHAINED = ("During handling of the above exception, another exception occurred:
             "The above exception was the direct cause of the following exception:")
 
 
-def first_traceback(log: str, lines: int = 40) -> str | None:
-    """The first Python traceback in a daemon log, with the line before it (at most `lines` lines), or None.
+def first_traceback(log: str, lines: int = 30) -> str | None:
+    """The first Python traceback in a daemon log with the line before it, or None; a long one keeps its
+    first lines and its last (the innermost frames and the exception), `lines` in all.
 
     A traceback attached to a DEBUG record (and the tracebacks chained to it) does not count: it reports
     nothing wrong (grpc logs one at DEBUG for every watch stream it cancels). Any other one does, and so
@@ -73,8 +74,15 @@ def first_traceback(log: str, lines: int = 40) -> str | None:
         before = text[i - 1] if i else ""
         if before == "" and i >= 2 and text[i - 2] in _CHAINED:
             continue  # chained to the traceback before it, which was judged (and let pass) already
-        if not _DEBUG_RECORD.match(before):
-            return "\n".join(text[max(0, i - 1): i - 1 + lines])
+        if _DEBUG_RECORD.match(before):
+            continue
+        end = i + 1
+        while end < len(text) and text[end].startswith(" "):
+            end += 1  # frames and their source lines; the exception line ends the block
+        block = text[max(0, i - 1): end + 1]
+        if len(block) > lines:
+            block = [*block[:3], f"  ... ({len(block) - lines + 1} lines) ...", *block[-(lines - 4):]]
+        return "\n".join(block)
     return None
 
 
