@@ -28,10 +28,12 @@ import datetime
 import json
 import logging
 import secrets
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -69,8 +71,9 @@ class ClusterPki:
         self.bundle: Bundle | None = None
         self.crls: dict[str, x509.CertificateRevocationList] = {}  # CA fingerprint -> its CRL
         self.cert: x509.Certificate | None = None
-        self.server_ctx: pki.RotatingContext | None = None
-        self.client_ctx: pki.RotatingContext | None = None
+        # Until this node has a certificate these refuse every handshake (no certificate, no CA to trust).
+        self.server_ctx = pki.rotating(True, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self.client_ctx = pki.rotating(False, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
         self.revoked: frozenset[str] = frozenset()  # serials (upper-case hex) revoked by any trusted CA
         self.error = ""
         self.revoked_here = False
@@ -120,14 +123,12 @@ class ClusterPki:
 
     def _rebuild(self) -> None:
         """New server and client contexts from the files: every connection from now on uses them."""
-        assert self.bundle is not None
+        if self.bundle is None or self.cert is None:
+            return  # joining: contexts come with the certificate
         crl_check = all(pki.fingerprint(c) in self.crls for c in self.bundle.cas)
         server, client = pki.build_contexts(self.files.node_cert, self.files.node_key, self.files.trust_pem,
                                             crl_check=crl_check, require_client_cert=self.require_client_cert)
-        if self.server_ctx is None or self.client_ctx is None:
-            self.server_ctx, self.client_ctx = pki.rotating(True, server), pki.rotating(False, client)
-        else:
-            self.server_ctx.current, self.client_ctx.current = server, client
+        self.server_ctx.current, self.client_ctx.current = server, client
 
     def _save_identity(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
         # key first: a crash in between leaves an old certificate with a new key, which load_local refuses
@@ -677,6 +678,68 @@ class NotSigner(PkiError):
     def __init__(self, signer: str) -> None:
         super().__init__(f"this node does not hold the cluster CA: ask the signer, node {signer}")
         self.signer = signer
+
+
+class PkiApi:
+    """What the API asks of the PKI; the signer's operations are forwarded to the signer over mutual TLS."""
+
+    def __init__(self, p: ClusterPki, session: Callable[[], aiohttp.ClientSession | None],
+                 nodes: Callable[[], Awaitable[dict[str, dict[str, Any]]]]) -> None:
+        self.pki = p
+        self._session = session
+        self._nodes = nodes
+
+    def status(self) -> dict[str, Any]:
+        return self.pki.status()
+
+    async def cluster_status(self) -> dict[str, Any]:
+        out = self.pki.status()
+        store = self.pki._store
+        if store is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                live = await self._nodes()
+                states = await store.pki_states()
+                out["nodes"] = {n: {**rec, "live": n in live} for n, rec in sorted(states.items())}
+        return out
+
+    async def _at_signer(self, path: str) -> dict[str, Any]:
+        b = self.pki.bundle
+        if b is None:
+            raise PkiError("this node has not joined the cluster's PKI yet")
+        if b.signer == self.pki.node:
+            raise PkiError("this node was the signer but its CA key is gone from its data root")
+        session = self._session()
+        rec = (await self._nodes()).get(b.signer)
+        url = rec.get("advertise") if rec else None
+        if session is None or not isinstance(url, str) or not url.startswith("https://"):
+            raise PkiError(f"the signer, node {b.signer}, is not live: it holds the CA key")
+        try:
+            async with session.post(url + path, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PkiError(f"cannot reach the signer {b.signer} at {url}: {type(exc).__name__}") from None
+        if resp.status != 200:
+            raise PkiError(str(body.get("error", body) if isinstance(body, dict) else body))
+        return dict(body) if isinstance(body, dict) else {"result": body}
+
+    async def revoke(self, node: str) -> dict[str, Any]:
+        try:
+            pki.check_node_name(node)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        if self.pki.is_signer:
+            return await self.pki.forget(node)
+        return await self._at_signer(f"/api/v1/pki/nodes/{node}/revoke")
+
+    async def rotate_ca(self) -> dict[str, Any]:
+        if self.pki.is_signer:
+            return await self.pki.rotate_ca()
+        return await self._at_signer("/api/v1/pki/ca/rotate")
+
+    async def rotate_token(self) -> dict[str, Any]:
+        if self.pki.is_signer:
+            return {"join_token": await self.pki.rotate_token()}
+        return await self._at_signer("/api/v1/pki/join-token/rotate")
 
 
 def api_credentials(data_root: str) -> tuple[str, str, str] | None:

@@ -1,4 +1,5 @@
-"""Command line: `syncmesh-plugin serve`, `config show`, `certs`, and the admin commands (admin/).
+"""Command line: `syncmesh-plugin serve`, `config show`, `certs`, and the admin commands (admin/), `token`
+and `ca` among them.
 
 Admin commands talk to a node's HTTP API: by default the one described by the same config file and
 `SYNCMESH_*` environment the daemon uses, or the one given with --api.
@@ -62,14 +63,15 @@ def config_show(config: str | None, as_json: bool) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
-# status, nodes, watch, volumes, inspect, conflicts, resume, resync, files, verify: see admin/
+# status, nodes, watch, volumes, inspect, conflicts, resume, resync, files, verify, token, ca: see admin/
 for command in admin.COMMANDS:
     main.add_command(command)
 
 
 @main.group("certs")
 def certs_group() -> None:
-    """A private CA and node certificates for mutual TLS (for users without a PKI)."""
+    """Certificate files of your own for mutual TLS (security.tls_cert_file...); not needed with the
+    cluster's own CA, the default."""
 
 
 @certs_group.command("init")

@@ -86,10 +86,15 @@ class SyncConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    tls_enabled: bool = False
+    # On by default: without certificate files the cluster's own CA issues them (autotls.py); false is plain
+    # HTTP, an explicit choice that is warned about at start and in /api/v1/health.
+    tls_enabled: bool = True
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    cert_lifetime: Duration = Duration(30 * 86400.0)  # automatic node certificates; renewed at half of it
+    client_cert_required: bool = False  # refuse clients without a certificate in the handshake (no tokens)
+    trust_etcd: bool = False  # join without a token: trust the CA found in etcd (etcd with TLS and auth only)
     auth_enabled: bool = False
     auth_tokens: list[Secret] = field(default_factory=list)  # admin: every endpoint; the first is sent to peers
     auth_readonly_tokens: list[Secret] = field(default_factory=list)  # GET of the API and metrics only
@@ -112,6 +117,7 @@ class MonitoringConfig:
 @dataclass(frozen=True)
 class Config:
     node_id: str = ""
+    join_token: Secret = Secret("")  # printed by `syncmesh-plugin token` on the cluster's first node
     log_level: str = "info"
     log_format: str = "json"
     data_root: str = "/var/lib/syncmesh"
@@ -134,6 +140,13 @@ class Config:
     @property
     def volumes_dir(self) -> str:
         return os.path.join(self.data_root, "volumes")
+
+    @property
+    def tls_mode(self) -> str:
+        """"auto" (the cluster's own CA), "files" (security.tls_cert_file/key_file) or "off" (plain HTTP)."""
+        if not self.security.tls_enabled:
+            return "off"
+        return "files" if self.security.tls_cert_file else "auto"
 
     def advertise_url(self) -> str:
         """The base URL peers use to reach this node's HTTP server."""
@@ -312,8 +325,22 @@ def _validate(cfg: Config) -> Config:
     if cfg.node_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", cfg.node_id):
         raise bad("node_id", "letters, digits, '_', '.', '-' (at most 63, starting with a letter or digit)",
                   cfg.node_id)
-    if cfg.security.tls_enabled and not (cfg.security.tls_cert_file and cfg.security.tls_key_file):
-        raise ConfigError("security.tls_enabled: needs security.tls_cert_file and security.tls_key_file")
+    if bool(cfg.security.tls_cert_file) != bool(cfg.security.tls_key_file):
+        raise ConfigError("security.tls_cert_file and security.tls_key_file: give both (your own certificates) or "
+                          "neither (the cluster's own CA issues them)")
+    if cfg.security.tls_ca_file and not cfg.security.tls_cert_file:
+        raise ConfigError("security.tls_ca_file: goes with security.tls_cert_file and security.tls_key_file "
+                          "(without them the cluster's own CA is used)")
+    if not 10 <= cfg.security.cert_lifetime <= 825 * 86400:
+        raise bad("security.cert_lifetime", "a duration between 10s and 825d, e.g. 30d",
+                  f"{cfg.security.cert_lifetime}s")
+    if cfg.join_token:
+        from .pki import PkiError, parse_token
+
+        try:
+            parse_token(cfg.join_token)
+        except PkiError as exc:
+            raise ConfigError(str(exc)) from None  # never repeats the token
     if cfg.security.auth_enabled and not cfg.security.auth_tokens:
         raise ConfigError("security.auth_enabled: needs at least one token in security.auth_tokens")
     for key in ("auth_tokens", "auth_readonly_tokens"):

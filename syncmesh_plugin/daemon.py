@@ -18,11 +18,14 @@ import stat
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from . import api, chunker, driver, metrics
+from .auth import AutoAccess
+from .autotls import ClusterPki, PkiApi
 from .config import Config
 from .engine import Engine, EngineContext, VolumeSync
 from .etcd_embedded import EmbeddedEtcd
@@ -30,6 +33,7 @@ from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
 from .ops import Ops
+from .pki import PkiError
 from .state import LocalState
 from .sync.snapshot import VolumeSnapshot, snapshot
 from .transfer import PeerClient, TransferMetrics
@@ -38,6 +42,8 @@ from .volumes import VolumeManager
 log = logging.getLogger(__name__)
 
 EXIT_CONFLICT = 2
+PLAIN_WARNING = ("security.tls_enabled is false: peers are not authenticated and volume data, manifests and tokens "
+                 "travel in clear over plain HTTP")
 
 
 class _ChunkSource:
@@ -110,6 +116,15 @@ class Daemon:
         self.housekeeper = Housekeeper(cfg.node_id, cfg.housekeeping, store=lambda: self.store,
                                        membership=lambda: self.membership, volumes=self.held,
                                        index=lambda: self.state)
+        # The cluster's own CA and this node's certificate (security.tls_enabled without certificate files).
+        self.pki: ClusterPki | None = None
+        if cfg.tls_mode == "auto":
+            self.pki = ClusterPki(node=cfg.node_id, data_root=cfg.data_root, lifetime=float(cfg.security.cert_lifetime),
+                                  join_token=str(cfg.join_token), trust_etcd=cfg.security.trust_etcd,
+                                  require_client_cert=cfg.security.client_cert_required,
+                                  hosts=[urlsplit(self.advertise).hostname or ""])
+        self._http_started = False
+        self._pki_logged = ""
 
     # ---- start-up
     async def _bind_plugin_socket(self) -> None:
@@ -136,6 +151,8 @@ class Daemon:
         sec = self.cfg.security
         if not sec.tls_enabled:
             return None
+        if self.pki is not None:
+            return self.pki.server_ctx
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
@@ -150,6 +167,8 @@ class Daemon:
         sec = self.cfg.security
         if not sec.tls_enabled:
             return True
+        if self.pki is not None:
+            return self.pki.client_ctx
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=sec.tls_ca_file or None)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
@@ -162,10 +181,22 @@ class Daemon:
                         data_root=cfg.data_root, plugin_socket=cfg.plugin.socket, embedded_etcd=cfg.embedded_etcd,
                         etcd_prefix=cfg.etcd.prefix, etcd_endpoints=lambda: self.etcd_endpoints, health=self.health,
                         refresh_gauges=self.ops.refresh_gauges)
+        access = control = None
+        if self.pki is not None:
+            p = self.pki
+            admin, readonly = p.files.api_tokens()
+            access = AutoAccess(admin_tokens=[admin], readonly_tokens=[readonly], revoked=lambda: p.revoked)
+            control = PkiApi(p, session=lambda: self._session, nodes=self._live_nodes)
         return api.make_app(api.ApiDeps(
             node=node, security=cfg.security, monitoring=cfg.monitoring.enabled,
             compression=cfg.sync.compression_enabled, cluster=self.ops, events=self.ops.bus, volumes=self.held,
-            registry=lambda: self.manager, index=lambda: self.state, chunks=self.chunk_source))
+            registry=lambda: self.manager, index=lambda: self.state, chunks=self.chunk_source,
+            access=access, pki=control))
+
+    async def _live_nodes(self) -> dict[str, dict[str, Any]]:
+        if self.membership is None:
+            raise EtcdUnavailable("not connected yet")
+        return await self.membership.nodes()
 
     async def _start_http(self) -> None:
         # lingering_time: a refused oversized body is discarded for at most 2 s, then the connection closes.
@@ -175,13 +206,19 @@ class Daemon:
                            reuse_address=True)
         await site.start()
         self._runners.append(runner)
-        log.info("HTTP server on %s:%d (advertised as %s)", self.cfg.server.host, self.cfg.server.port,
+        self._http_started = True
+        mode = {"auto": "HTTPS, mutual TLS with the cluster's CA", "files": "HTTPS with the configured certificates",
+                "off": "PLAIN HTTP"}[self.cfg.tls_mode]
+        log.info("HTTP server on %s:%d (%s; advertised as %s)", self.cfg.server.host, self.cfg.server.port, mode,
                  self.advertise)
 
     async def start(self) -> None:
         await self._bind_plugin_socket()
         self.state = LocalState(self.cfg.state_dir)
         os.makedirs(self.cfg.volumes_dir, mode=0o755, exist_ok=True)
+        if self.cfg.tls_mode == "off":
+            for _ in range(3):  # loud on purpose: one line is easy to miss in a daemon log
+                log.warning("INSECURE: %s; set security.tls_enabled: true (the default)", PLAIN_WARNING)
         headers = {}
         if self.cfg.security.auth_enabled and self.cfg.security.auth_tokens:
             headers["Authorization"] = f"Bearer {self.cfg.security.auth_tokens[0]}"
@@ -207,7 +244,9 @@ class Daemon:
             get_membership=lambda: self.membership, mount_timeout=float(self.cfg.sync.mount_timeout),
             connect_wait=float(self.cfg.etcd.timeout))
         self.manager.on_release = self.ops.forget_replica
-        await self._start_http()
+        # With the cluster's own CA, a node that has no certificate yet serves HTTPS once it has joined.
+        if self.pki is None or self.pki.load_local():
+            await self._start_http()
         # Volumes held before a restart keep syncing locally at once; etcd catches up when it answers.
         await self.manager.resume_held()
         self._tasks.append(asyncio.create_task(self._connect_loop(), name="etcd-connect"))
@@ -223,6 +262,13 @@ class Daemon:
                 self.exit_code = EXIT_CONFLICT
                 self.stop_event.set()
                 return
+            except PkiError as exc:
+                self.etcd_error = str(exc)
+                if str(exc) != self._pki_logged:  # said once; retried quietly every 3 s
+                    log.error("cannot get a certificate of the cluster's CA: %s", exc)
+                    self._pki_logged = str(exc)
+                await asyncio.sleep(3.0)
+                continue
             except (EtcdUnavailable, RuntimeError, OSError) as exc:
                 self.etcd_error = str(exc)
                 log.warning("etcd not reachable yet: %s (retrying in %.1fs)", exc, backoff)
@@ -232,6 +278,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry-watch"))
         self._tasks.append(asyncio.create_task(self.ops.run(), name="ops"))
         self._tasks.append(asyncio.create_task(self.housekeeper.run(), name="housekeeping"))
+        if self.pki is not None:
+            self._tasks.append(asyncio.create_task(self.pki.run(), name="pki"))
         self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
 
     async def _connect(self) -> None:
@@ -245,6 +293,14 @@ class Daemon:
         store = EtcdStore(self.cfg.etcd, self.etcd_endpoints)
         store.request_hook = metrics.etcd_hook
         await store.connect()
+        if self.pki is not None:
+            try:
+                await self.pki.bootstrap(store)
+            except BaseException:
+                await store.close()
+                raise
+            if not self._http_started:
+                await self._start_http()
         membership = Membership(store, self.cfg.node_id, load_identity(self.cfg.state_dir), self.advertise,
                                 self.cfg.etcd.lease_ttl)
         try:
@@ -365,6 +421,12 @@ class Daemon:
             f"; offline: {', '.join(r['offline'])}" if r["offline"] else "")
             for n, r in self.ops.replicas.items() if r["degraded"]}
         comps["replicas"] = {"ok": True, "degraded": short}
+        if self.pki is not None:
+            comps["tls"] = self.pki.health()
+        elif self.cfg.tls_mode == "files":
+            comps["tls"] = {"ok": True, "mode": "files"}
+        else:
+            comps["tls"] = {"ok": True, "mode": "off", "warning": PLAIN_WARNING}
         return comps
 
     # ---- shutdown

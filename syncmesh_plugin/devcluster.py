@@ -2,6 +2,11 @@
 
 Used by the integration tests and the benchmarks, so both drive the product exactly as a user does:
 through the Docker plugin socket, the HTTP API and the volume directories.
+
+A Node speaks plain HTTP (security.tls_enabled false, set explicitly) unless made with `tls=True`: then it
+runs with the product's defaults (mutual TLS with the cluster's own CA), joins with `join_token`, and
+the harness reaches its API the way the CLI does on a node's host, with the node's own certificate
+read from its data root.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -133,7 +139,8 @@ class UnixHTTP(http.client.HTTPConnection):
 class Node:
     """One syncmesh daemon as a separate process, with its own data root, socket and port."""
 
-    def __init__(self, base: Path, name: str, etcd: Etcd | None, prefix: str, **env: str) -> None:
+    def __init__(self, base: Path, name: str, etcd: Etcd | None, prefix: str, *, tls: bool = False,
+                 join_token: str = "", **env: str) -> None:
         self.name = name
         self.base = base / name
         self.base.mkdir(parents=True, exist_ok=True)
@@ -146,6 +153,8 @@ class Node:
             "SYNCMESH_SERVER_HOST": "127.0.0.1", "SYNCMESH_SERVER_PORT": str(self.port),
             "SYNCMESH_ETCD_ENDPOINTS": etcd.endpoint if etcd else "", "SYNCMESH_ETCD_PREFIX": prefix,
             "SYNCMESH_LOG_FORMAT": "text", "SYNCMESH_LOG_LEVEL": "info", "SYNCMESH_SYNC_INTERVAL": "30s",
+            **({"SYNCMESH_JOIN_TOKEN": join_token} if join_token else {}),
+            **({} if tls else {"SYNCMESH_SECURITY_TLS_ENABLED": "false"}),
             **env,
         }
         self.env = {k: v for k, v in self.env.items() if not (k == "SYNCMESH_ETCD_ENDPOINTS" and not v)}
@@ -154,6 +163,37 @@ class Node:
         self.api_host = "127.0.0.1"  # where tests reach its HTTP API
         self.http_timeout = 30.0
         self.command_prefix: list[str] = []  # e.g. nsenter into a network namespace
+        self._ssl: tuple[float, ssl.SSLContext] | None = None
+
+    @property
+    def auto_tls(self) -> bool:
+        """Whether the node runs the cluster's own PKI (the defaults): TLS on, no certificate files."""
+        on = self.env.get("SYNCMESH_SECURITY_TLS_ENABLED", "true").strip().lower() not in ("0", "false", "no", "off")
+        return on and not self.env.get("SYNCMESH_SECURITY_TLS_CERT_FILE")
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_root / "pki"
+
+    def join_token(self) -> str:
+        """What `syncmesh-plugin token` prints on this node (the cluster's first node)."""
+        p = self.pki_dir / "join-token"
+        return p.read_text().strip() if p.exists() else ""
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The node's own certificate and trust, as the CLI on its host uses them (reloaded after a renewal)."""
+        cert, key, trust = (self.pki_dir / "node.pem", self.pki_dir / "node-key.pem", self.pki_dir / "trust.pem")
+        try:
+            stamp = max(cert.stat().st_mtime, trust.stat().st_mtime)
+        except FileNotFoundError:
+            raise ConnectionRefusedError(f"{self.name} has no certificate yet") from None
+        if self._ssl is None or self._ssl[0] != stamp:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.load_verify_locations(cafile=str(trust))
+            ctx.load_cert_chain(str(cert), str(key))
+            self._ssl = (stamp, ctx)
+        return self._ssl[1]
 
     def start(self, wait: bool = True) -> Node:
         with open(self.log_path, "ab") as log:
@@ -208,7 +248,11 @@ class Node:
         return data
 
     def connection(self) -> http.client.HTTPConnection:
-        """A connection to the node's API (subclasses: HTTPS with a client certificate)."""
+        """A connection to the node's API: HTTPS with the node's certificate under the defaults (subclasses:
+        HTTPS with other client certificates)."""
+        if self.auto_tls:
+            return http.client.HTTPSConnection(self.api_host, self.port, timeout=self.http_timeout,
+                                               context=self.ssl_context())
         return http.client.HTTPConnection(self.api_host, self.port, timeout=self.http_timeout)
 
     def http(self, method: str, path: str, body: bytes | None = None,

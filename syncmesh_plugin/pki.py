@@ -388,7 +388,7 @@ def write_file(path: str, data: bytes, mode: int = 0o600) -> None:
 
 
 class PkiDir:
-    """`<data_root>/pki` (mode 0700): what a node keeps, and the CA keys on the signer.
+    """`<data_root>/pki`: what a node keeps, and the CA keys on the signer.
 
     node.pem, node-key.pem   this node's certificate and key (the key 0600)
     trust.json               the trust bundle and the CRLs this node accepted
@@ -414,8 +414,8 @@ class PkiDir:
         self.forgotten = os.path.join(self.dir, "forgotten.json")
 
     def ensure(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        # 0755: trust.pem and node.pem are public; every key, secret and token inside is 0600 (root only)
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
 
     def read(self, path: str) -> bytes | None:
         try:

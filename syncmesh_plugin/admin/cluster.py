@@ -84,7 +84,8 @@ def watch(c: Client, as_json: bool, volume: str | None, interval: float, count: 
 @click.argument("node_id")
 def forget(c: Client, as_json: bool, node_id: str) -> int:
     """Forget NODE_ID, a node that will not come back: its replica records are removed, so `verify`,
-    `inspect` and the placement stop counting it. Refused while the node is live."""
+    `inspect` and the placement stop counting it, and its certificates are revoked (it can no longer
+    connect to any node). Refused while the node is live (`ca revoke` cuts off a live node)."""
     data = c.must("POST", f"/api/v1/cluster/nodes/{q(node_id)}/forget")
     if as_json:
         emit_json(data)
@@ -92,4 +93,9 @@ def forget(c: Client, as_json: bool, node_id: str) -> int:
         gone = data.get("replicas_removed", [])
         click.echo(f"node {node_id} forgotten: {len(gone)} replica record(s) removed"
                    + (f" ({', '.join(gone)})" if gone else ""))
+        certs = data.get("certificates")
+        if isinstance(certs, dict) and "error" in certs:
+            click.echo(f"its certificates were NOT revoked: {certs['error']}")
+        elif isinstance(certs, dict):
+            click.echo(f"{len(certs.get('revoked_serials', []))} certificate(s) revoked; members refuse it from now on")
     return 0

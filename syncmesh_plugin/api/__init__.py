@@ -14,9 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import auth, chunker, transfer
-from . import cluster, events, files, node, volumes
+from . import cluster, events, files, node, pki, volumes
 from .common import errors
-from .deps import CLUSTER, EVENTS, INDEX, NODE, REGISTRY, VOLUMES, ApiDeps, Node
+from .deps import CLUSTER, EVENTS, INDEX, NODE, PKI, REGISTRY, VOLUMES, ApiDeps, Node
 
 __all__ = ["ApiDeps", "Node", "make_app"]
 
@@ -28,7 +28,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     sec = deps.security
     app.middlewares.append(auth.make_middleware(
         enabled=sec.auth_enabled, admin_tokens=sec.auth_tokens, readonly_tokens=sec.auth_readonly_tokens,
-        health_open=sec.health_open, max_body=MAX_BODY))
+        health_open=sec.health_open, max_body=MAX_BODY, auto=deps.access))
     app.middlewares.append(errors)
     app[NODE] = deps.node
     app[CLUSTER] = deps.cluster
@@ -36,9 +36,11 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[VOLUMES] = deps.volumes
     app[REGISTRY] = deps.registry
     app[INDEX] = deps.index
+    if deps.pki is not None:
+        app[PKI] = deps.pki
     if deps.monitoring:
         app.add_routes(node.metrics_routes)
-    for module in (node, cluster, volumes, files, events):
+    for module in (node, cluster, volumes, files, events, pki):
         app.add_routes(module.routes)
     transfer.add_routes(app, deps.chunks, encode_frame=chunker.encode_frame, compress_default=deps.compression)
     return app

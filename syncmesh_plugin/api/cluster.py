@@ -7,10 +7,11 @@ from typing import Any
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
+from ..pki import PkiError
 from ..volopts import VolumeError
 from ..volumes import ClusterUnavailable
 from .common import ApiError, registry
-from .deps import CLUSTER, INDEX, NODE, ClusterView
+from .deps import CLUSTER, INDEX, NODE, PKI, ClusterView
 
 routes = web.RouteTableDef()
 
@@ -71,9 +72,17 @@ async def cluster_nodes(request: web.Request) -> web.Response:
 @routes.post("/api/v1/cluster/nodes/{node}/forget")
 async def forget(request: web.Request) -> web.Response:
     """A node that will not come back: its replica records are removed, so no view waits for it."""
+    node = request.match_info["node"]
     try:
-        return web.json_response(await registry(request).forget_node(request.match_info["node"]))
+        out = await registry(request).forget_node(node)
     except VolumeError as exc:
         raise ApiError(409, str(exc)) from None
     except ClusterUnavailable as exc:
         raise ApiError(503, str(exc)) from None
+    pki = request.app.get(PKI)
+    if pki is not None:  # with the cluster's own CA, a forgotten node can no longer connect
+        try:
+            out["certificates"] = await pki.revoke(node)
+        except PkiError as exc:
+            out["certificates"] = {"error": str(exc)}
+    return web.json_response(out)

@@ -30,8 +30,11 @@ async def health(request: web.Request) -> web.Response:
     ok = all(c["ok"] for c in comps.values())
     # A volume short of the replicas its placement asks for still serves: "degraded", but not a 503.
     short = bool(comps.get("replicas", {}).get("degraded"))
-    return web.json_response({"status": "ok" if ok and not short else "degraded", "node": node.node_id,
-                              "components": comps}, status=200 if ok else 503)
+    body = {"status": "ok" if ok and not short else "degraded", "node": node.node_id, "components": comps}
+    warnings = [str(c["warning"]) for c in comps.values() if c.get("warning")]
+    if warnings:
+        body["warnings"] = warnings  # plain HTTP: healthy, and said loudly
+    return web.json_response(body, status=200 if ok else 503)
 
 
 @routes.get("/api/v1/info")

@@ -6,29 +6,13 @@ mutual TLS (the daemon's PkiControl), so the CLI can ask its own node.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
 from ..pki import PkiError
 from .common import ApiError
-
-
-class PkiControl(Protocol):
-    """autotls.ClusterPki as the API sees it, with the signer's operations forwarded to the signer."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    async def cluster_status(self) -> dict[str, Any]: ...
-
-    async def revoke(self, node: str) -> dict[str, Any]: ...
-
-    async def rotate_ca(self) -> dict[str, Any]: ...
-
-    async def rotate_token(self) -> dict[str, Any]: ...
-
-
-PKI: web.AppKey[PkiControl] = web.AppKey("pki")
+from .deps import PKI, PkiControl
 
 routes = web.RouteTableDef()
 

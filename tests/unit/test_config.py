@@ -59,7 +59,10 @@ def test_defaults_without_file_or_env(hostname: None) -> None:
     assert cfg.sync.compression_enabled is True
     assert cfg.sync.keep_conflict_copies is True
     assert cfg.sync.mount_timeout == 25.0
-    assert cfg.security.tls_enabled is False
+    assert cfg.security.tls_enabled is True and cfg.tls_mode == "auto"  # the cluster's own CA (issue 19)
+    assert cfg.security.cert_lifetime == 30 * 86400.0
+    assert cfg.security.client_cert_required is False and cfg.security.trust_etcd is False
+    assert cfg.join_token == ""
     assert cfg.security.auth_enabled is False
     assert cfg.monitoring.enabled is True
     assert cfg.state_dir == "/var/lib/syncmesh/state"
@@ -351,10 +354,39 @@ def test_semantic_validation(env: dict[str, str], prefix: str) -> None:
     assert str(ei.value).startswith(prefix)
 
 
-def test_tls_enabled_without_cert_files() -> None:
-    with pytest.raises(ConfigError) as ei:
-        load_config(None, {"SYNCMESH_SECURITY_TLS_ENABLED": "true"})
-    assert str(ei.value) == "security.tls_enabled: needs security.tls_cert_file and security.tls_key_file"
+def test_tls_enabled_without_cert_files_means_the_clusters_own_ca() -> None:
+    # Before issue 19 this was an error; now it is the default: the cluster's CA issues the certificates.
+    assert load_config(None, {"SYNCMESH_SECURITY_TLS_ENABLED": "true"}).tls_mode == "auto"
+    assert load_config(None, {"SYNCMESH_SECURITY_TLS_ENABLED": "false"}).tls_mode == "off"
+
+
+def test_tls_cert_without_key_and_ca_without_cert(certs: tuple[str, str]) -> None:
+    cert, _ = certs
+    with pytest.raises(ConfigError, match=r"^security.tls_cert_file and security.tls_key_file: give both"):
+        load_config(None, {"SYNCMESH_SECURITY_TLS_CERT_FILE": cert})
+    with pytest.raises(ConfigError, match=r"^security.tls_ca_file: goes with security.tls_cert_file"):
+        load_config(None, {"SYNCMESH_SECURITY_TLS_CA_FILE": cert})
+
+
+def test_join_token_is_checked_and_never_echoed() -> None:
+    good = "SM1" + "ab" * 32 + "::" + "s" * 43
+    cfg = load_config(None, {"SYNCMESH_JOIN_TOKEN": good})
+    assert cfg.join_token == good and as_dict(cfg)["join_token"] == "********"
+    bad = "SM1" + "ab" * 31 + "::secret-that-must-not-leak-xxxxxxxxxxxxxxxxxxx"
+    with pytest.raises(ConfigError, match=r"^join_token: expected the token") as ei:
+        load_config(None, {"SYNCMESH_JOIN_TOKEN": bad})
+    assert "must-not-leak" not in str(ei.value)
+
+
+@pytest.mark.parametrize(("text", "ok"), [("10s", True), ("30d", True), ("825d", True), ("9s", False),
+                                          ("826d", False)])
+def test_cert_lifetime_bounds(text: str, ok: bool) -> None:
+    env = {"SYNCMESH_SECURITY_CERT_LIFETIME": text}
+    if ok:
+        assert load_config(None, env).security.cert_lifetime > 0
+    else:
+        with pytest.raises(ConfigError, match=r"^security.cert_lifetime: expected a duration between 10s and 825d"):
+            load_config(None, env)
 
 
 def test_tls_cert_file_that_does_not_exist(tmp_path: Path) -> None:
@@ -476,7 +508,10 @@ def test_as_dict_unmasked_is_plain_data(hostname: None) -> None:
 
 def test_advertise_url_explicit_host_port() -> None:
     cfg = Config(server=config_mod.ServerConfig(advertise="10.0.0.5:7734"))
-    assert cfg.advertise_url() == "http://10.0.0.5:7734"
+    assert cfg.advertise_url() == "https://10.0.0.5:7734"  # TLS is the default (issue 19)
+    plain = Config(server=config_mod.ServerConfig(advertise="10.0.0.5:7734"),
+                   security=config_mod.SecurityConfig(tls_enabled=False))
+    assert plain.advertise_url() == "http://10.0.0.5:7734"
 
 
 def test_advertise_url_with_scheme_is_kept_and_trailing_slash_dropped() -> None:
@@ -493,14 +528,14 @@ def test_advertise_url_https_when_tls_enabled(hostname: None, certs: tuple[str, 
 
 def test_advertise_url_from_specific_bind_host() -> None:
     cfg = Config(server=config_mod.ServerConfig(host="192.168.1.7", port=8123))
-    assert cfg.advertise_url() == "http://192.168.1.7:8123"
+    assert cfg.advertise_url() == "https://192.168.1.7:8123"
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", ""])
 def test_advertise_url_wildcard_bind_uses_primary_address(monkeypatch: pytest.MonkeyPatch, bind: str) -> None:
     monkeypatch.setattr(config_mod, "_primary_address", lambda: "10.9.8.7")
     cfg = Config(server=config_mod.ServerConfig(host=bind, port=7734))
-    assert cfg.advertise_url() == "http://10.9.8.7:7734"
+    assert cfg.advertise_url() == "https://10.9.8.7:7734"
 
 
 def test_primary_address_is_an_ipv4_string() -> None:
