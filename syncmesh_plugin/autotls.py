@@ -406,8 +406,11 @@ class ClusterPki:
     def renewal_due(self) -> bool:
         if self.cert is None or self.bundle is None or self.revoked_here:
             return False
+        # Certificates are back-dated by BACKDATE for clock skew: their nominal lifetime starts after it. Renew
+        # once less than half of it is left (of ours, if the signer was configured with a longer one).
         nb, na = self.cert.not_valid_before_utc, self.cert.not_valid_after_utc
-        if pki.now() >= nb + (na - nb) / 2:
+        nominal = min(na - nb - pki.BACKDATE, self.lifetime)
+        if na - pki.now() <= nominal / 2:
             return True
         ca = self.bundle.ca(self.bundle.current)
         return ca is not None and not pki.issued_by(self.cert, ca)

@@ -47,6 +47,7 @@ from .certs import CertError, build_ca, check_node_name, san_names, sign_node
 TOKEN_PREFIX = "SM1"
 TOKEN_RE = re.compile(r"SM1([0-9a-f]{64})::([A-Za-z0-9_-]{43,128})")
 CA_DAYS = 3650
+BACKDATE = datetime.timedelta(minutes=5)  # certs.sign_node's not_valid_before: now - 5 minutes (clock skew)
 JOIN_CONTEXT = b"syncmesh-join-v1\0"
 RENEW_CONTEXT = b"syncmesh-renew-v1\0"
 BUNDLE_CONTEXT = b"syncmesh-trust-v1\0"
