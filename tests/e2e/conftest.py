@@ -34,6 +34,7 @@ from e2e_harness import (
 PLUGIN_VERSION = next(line.split('"')[1] for line in (ROOT / "syncmesh_plugin" / "__init__.py").read_text().splitlines()
                       if line.startswith("__version__"))
 TIMINGS: dict[str, float] = {}
+NOTES: dict[str, str] = {}  # what the tests observed of Docker's behaviour, printed after the timings
 CHAOS_NAMES = ("smchaos", "syncmesh-chaos")  # a concurrent `make chaos` run's own namespaces, links, rules, mounts
 
 
@@ -55,6 +56,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("e2e timings (s)")
         for k, v in TIMINGS.items():
             terminalreporter.write_line(f"{k:<40} {v:7.2f}")
+    if NOTES:
+        terminalreporter.section("e2e notes")
+        for k, v in NOTES.items():
+            terminalreporter.write_line(f"{k}: {v}")
 
 
 TOOLS = ("dockerd", "docker", "etcd", "busybox", "ip", "iptables", "iptables-save", "ip6tables-save", "nsenter",

@@ -297,6 +297,8 @@ class SyncmeshProcess:
             "SYNCMESH_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "SYNCMESH_SERVER_HOST": "127.0.0.1",
             "SYNCMESH_SERVER_PORT": str(self.port), "SYNCMESH_NODE_ID": node_id, "SYNCMESH_LOG_FORMAT": "text",
             "SYNCMESH_LOG_LEVEL": "info", "SYNCMESH_SYNC_MOUNT_TIMEOUT": "15s", "PYTHONUNBUFFERED": "1",
+            # plain HTTP: the tests read the node API with urllib/http.client, without the cluster's CA
+            "SYNCMESH_SECURITY_TLS_ENABLED": "false",
         })
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -444,7 +446,8 @@ class ManagedHost:
         self.timings["plugin_create"] = time.monotonic() - t
         self.dockerd.cli("plugin", "set", self.ref, f"SYNCMESH_ETCD_ENDPOINTS={self.etcd_endpoint}",
                          f"SYNCMESH_NODE_ID={self.node_id}", f"SYNCMESH_SERVER_ADVERTISE={self.net.addr(self.n)}:7734",
-                         "SYNCMESH_LOG_FORMAT=text", "SYNCMESH_SYNC_MOUNT_TIMEOUT=15s")
+                         "SYNCMESH_LOG_FORMAT=text", "SYNCMESH_SYNC_MOUNT_TIMEOUT=15s",
+                         "SYNCMESH_SECURITY_TLS_ENABLED=false")  # plain HTTP API, read by node_health()
         t = time.monotonic()
         self.dockerd.cli("plugin", "enable", "--timeout", "120", self.ref)
         self.timings["plugin_enable"] = time.monotonic() - t

@@ -167,7 +167,9 @@ class SwarmNode:
         self.docker("plugin", "install", "--grant-all-permissions", "--alias", ALIAS, remote,
                     f"SYNCMESH_ETCD_ENDPOINTS={etcd_endpoint}", f"SYNCMESH_NODE_ID={self.node_id}",
                     f"SYNCMESH_SERVER_ADVERTISE={self.addr}:{PORT}", "SYNCMESH_LOG_FORMAT=text",
-                    "SYNCMESH_SYNC_MOUNT_TIMEOUT=30s", timeout=300)
+                    "SYNCMESH_SYNC_MOUNT_TIMEOUT=30s",
+                    "SYNCMESH_SECURITY_TLS_ENABLED=false",  # plain HTTP: api() reads it with urllib, no CA
+                    timeout=300)
         self.wait_plugin_ready()
 
     def wait_plugin_ready(self, timeout: float = 60) -> None:

@@ -21,7 +21,7 @@ def test_managed_plugin_with_embedded_etcd(workdir: Path, image_tar: Path, plugi
         # The plugin shares dockerd's network namespace (its own, loopback only): the node API on
         # loopback, asked from inside that namespace.
         d.cli("plugin", "set", ref, "SYNCMESH_SERVER_HOST=127.0.0.1", f"SYNCMESH_SERVER_PORT={port}",
-              "SYNCMESH_NODE_ID=solo")
+              "SYNCMESH_NODE_ID=solo", "SYNCMESH_SECURITY_TLS_ENABLED=false")  # get_json() speaks plain HTTP
         t = time.monotonic()
         d.cli("plugin", "enable", ref)
         TIMINGS["solo plugin enable"] = time.monotonic() - t

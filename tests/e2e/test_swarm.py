@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import PLUGIN_VERSION, TIMINGS, _require
+from conftest import NOTES, PLUGIN_VERSION, TIMINGS, _require
 from e2e_harness import IMAGE, Etcd, Network, log, wait_for
 from swarm_harness import (
     ALIAS,
@@ -105,7 +105,9 @@ def test_stack_failover_on_drain(swarm: Swarm, workdir: Path, unique: str) -> No
     fo = stack_failover(swarm, workdir, f"st{unique[-6:]}", f"{unique}-stack", {"conflict_resolution": "timestamp"})
     TIMINGS["swarm failover: drain -> new task read all"] = fo.seconds
     TIMINGS["swarm failover: new container created -> started"] = fo.start_seconds
-    log(f"failover {fo.from_node!r} -> {fo.to_node!r}: {fo.seconds:.1f}s (container start {fo.start_seconds:.1f}s)")
+    NOTES["swarm failover"] = (f"{fo.from_node!r} drained -> task on {fo.to_node!r} read {len(fo.read)} files in "
+                               f"{fo.seconds:.1f}s (its container's start, Mount included: {fo.start_seconds:.1f}s); "
+                               f"networks {fo.networks}")
     assert fo.to_node is not fo.from_node
     stack = f"st{unique[-6:]}"
     assert fo.networks.get(f"{stack}_default") == "overlay", f"the task is not on the stack's overlay: {fo.networks}"
@@ -213,7 +215,7 @@ def test_plugin_upgrade_on_a_drained_node(swarm: Swarm, unique: str) -> None:
         if res.returncode != 0:
             assert "is in use" in res.stderr, res.stderr
             node.docker("plugin", "disable", "-f", ALIAS)
-        log(f"plain `docker plugin disable` on a drained node: {res.stderr.strip() or 'accepted'}")
+        NOTES["plain `docker plugin disable` on a drained node"] = res.stderr.strip() or "accepted"
         # another tag than the installed one: the CLI asks to confirm unless told --skip-remote-check
         out = node.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", ALIAS,
                           swarm.images["next"], timeout=300).stdout
