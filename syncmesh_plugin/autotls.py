@@ -602,7 +602,7 @@ class ClusterPki:
             serials = {r.serial_number for r in old} if old is not None else set()
             mine = {int(r[0], 16) for r in rows if r[2] == fp and r[1] > time.time()}
             revoked += [pki.serial_hex(s) for s in sorted(mine - serials)]
-            self.crls[fp] = pki.make_crl(ca, key, serials | mine, (pki.crl_number(old) if old else 0) + 1)
+            self.crls[fp] = pki.make_crl(ca, key, serials | mine, (pki.crl_number(old) if old is not None else 0) + 1)
         await self._publish_crls()
         self._save_trust()
         self._recompute_revoked()
