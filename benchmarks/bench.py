@@ -1,7 +1,9 @@
 """Convergence benchmarks: each workload is written on node 0 and timed until every node holds the
 same content (verified by comparing content digests of whole trees, never by trusting logs).
 
-Usage: python benchmarks/bench.py [--systems syncmesh,syncthing] [--nodes 3] [--quick] [--only 6,7]
+Usage: python benchmarks/bench.py [--systems syncmesh,syncthing] [--nodes 3] [--quick] [--only 6,7] [--plain]
+syncmesh runs with its defaults (mutual TLS with the cluster's own CA); --plain adds a syncmesh-plain run
+(security.tls_enabled false) to measure what TLS costs.
 Prints one table and writes benchmarks/results/latest.json.
 """
 
@@ -395,6 +397,8 @@ WORKLOADS: list[tuple[str, Callable[[System, argparse.Namespace], Result], bool]
 def make_system(name: str, base: Path, nodes: int) -> System:
     if name == "syncmesh":
         return Syncmesh(base, nodes)
+    if name == "syncmesh-plain":
+        return Syncmesh(base, nodes, tls=False)
     if name == "syncthing":
         from syncthing_system import Syncthing
 
@@ -422,7 +426,10 @@ def main() -> None:
     ap.add_argument("--mixed-seconds", type=int, default=60)
     ap.add_argument("--restart-files", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    ap.add_argument("--plain", action="store_true", help="also run syncmesh with plain HTTP (the cost of TLS)")
     cfg = ap.parse_args()
+    if cfg.plain and "syncmesh-plain" not in cfg.systems.split(","):
+        cfg.systems += ",syncmesh-plain"
     only = set(filter(None, cfg.only.split(",")))
     results: list[Result] = []
     started = time.monotonic()

@@ -68,8 +68,11 @@ def proc_stats(pid: int) -> tuple[int, float]:
 class Syncmesh(System):
     name = "syncmesh"
 
-    def __init__(self, base: Path, nodes: int) -> None:
+    def __init__(self, base: Path, nodes: int, tls: bool = True) -> None:
         super().__init__(base, nodes)
+        self.tls = tls  # the product's default (mutual TLS, the cluster's own CA); False: plain HTTP
+        if not tls:
+            self.name = "syncmesh-plain"
         self.etcd: Etcd | None = None
         self.nodes: list[Node] = []
         self.volume = ""
@@ -81,10 +84,13 @@ class Syncmesh(System):
         (self.base / "etcd").mkdir(parents=True, exist_ok=True)
         self.etcd = Etcd(self.base / "etcd")
         self.etcd.start()
-        self.nodes = [Node(self.base, f"node{i}", self.etcd, self.prefix, SYNCMESH_LOG_LEVEL="warning",
-                           SYNCMESH_SYNC_INTERVAL="300s") for i in range(self.n)]
-        for nd in self.nodes:
+        self.nodes = []
+        for i in range(self.n):  # the first node creates the cluster CA, the others join with its token
+            token = self.nodes[0].join_token() if self.tls and self.nodes else ""
+            nd = Node(self.base, f"node{i}", self.etcd, self.prefix, tls=self.tls, join_token=token,
+                      SYNCMESH_LOG_LEVEL="warning", SYNCMESH_SYNC_INTERVAL="300s")
             nd.start()
+            self.nodes.append(nd)
         self.reset()
 
     def reset(self) -> None:

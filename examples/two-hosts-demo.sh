@@ -2,6 +2,8 @@
 # Two simulated hosts on one machine: a network namespace + dockerd + the syncmesh managed plugin
 # each, one etcd on the bridge between them. A container on host 1 writes, a container on host 2
 # reads the same bytes. Everything is removed on exit (also on error or Ctrl-C).
+# The plugins run with their defaults: mutual TLS between them with the cluster's own CA. Host 1
+# creates the CA; host 2 gets the join token host 1 prints (the one step besides the usual settings).
 #
 #   sudo examples/two-hosts-demo.sh            (KEEP=1 leaves it running until Enter is pressed)
 #
@@ -73,22 +75,36 @@ for n in 1 2; do
     --exec-root "$D/h$n/exec" --pidfile "$D/h$n/docker.pid" -H "unix://$D/h$n/docker.sock" \
     --bridge=none --iptables=false --ip-masq=false >"$D/h$n/dockerd.log" 2>&1 </dev/null &
 done
+# a plugin's data root as the host sees it (the propagated mount under that dockerd's data root)
+pki() { local f; for f in "$D"/h$1/data/plugins/*/propagated-mount/pki/$2; do [ -e "$f" ] && echo "$f"; done; }
+TOKEN=
 for n in 1 2; do
   for _ in $(seq 100); do dk $n version >/dev/null 2>&1 && break; sleep 0.2; done
   tar -C "$D/bb" -c . | dk $n import -c 'ENV PATH=/bin' - demo/busybox >/dev/null
   say "host$n: dockerd up; docker plugin create $REF"
   dk $n plugin create "$REF" plugin/dist >/dev/null
   dk $n plugin set "$REF" SYNCMESH_ETCD_ENDPOINTS=http://$NET.1:$ETCD_PORT SYNCMESH_NODE_ID=host$n \
-    SYNCMESH_SERVER_ADVERTISE=$NET.1$n:7734 SYNCMESH_LOG_FORMAT=text
+    SYNCMESH_SERVER_ADVERTISE=$NET.1$n:7734 SYNCMESH_LOG_FORMAT=text ${TOKEN:+SYNCMESH_JOIN_TOKEN=$TOKEN}
   dk $n plugin enable "$REF" >/dev/null
+  if [ $n = 1 ]; then
+    # host 1 created the cluster CA; its join token is what `syncmesh-plugin token` prints on host 1 (as root;
+    # the CLI finds a managed plugin's data root under /var/lib/docker/plugins by itself)
+    for _ in $(seq 150); do [ -n "$(pki 1 join-token)" ] && break; sleep 0.2; done
+    TOKEN=$(cat "$(pki 1 join-token)")
+    say "host1: join token ${TOKEN:0:12}... (host 2 gets it as SYNCMESH_JOIN_TOKEN)"
+  fi
 done
-for n in 1 2; do  # the node API answers over the bridge once etcd is connected
-  for _ in $(seq 100); do python3 - "$NET.1$n" <<'PY' && break; sleep 0.2; done
-import json, sys, urllib.request
-sys.exit(0 if json.load(urllib.request.urlopen(f"http://{sys.argv[1]}:7734/api/v1/health", timeout=2))["components"]["etcd"]["ok"] else 1)
+for n in 1 2; do  # the node API answers over HTTPS on the bridge once the node has its certificate
+  for _ in $(seq 150); do [ -n "$(pki $n trust.pem)" ] && python3 - "$NET.1$n" "$(pki $n trust.pem)" <<'PY' && break; sleep 0.2; done
+import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2])  # the cluster's CA, from the node's data root
+ctx.check_hostname = False  # every member's certificate is of that CA; addresses are not checked
+url = f"https://{sys.argv[1]}:7734/api/v1/health"
+h = json.load(urllib.request.urlopen(url, timeout=2, context=ctx))
+sys.exit(0 if h["components"]["etcd"]["ok"] and h["components"]["tls"]["mode"] == "auto" else 1)
 PY
 done
-say "both plugins connected to etcd"
+say "both plugins connected to etcd, peers over mutual TLS with the cluster's CA"
 
 dk 1 volume create -d "$REF" --opt conflict_resolution=size demo >/dev/null
 say "host1: writing into volume demo"

@@ -319,3 +319,10 @@ def test_renewal_is_due_at_half_the_lifetime(tmp_path: Path, monkeypatch: pytest
     p.bundle = Bundle(2, [ca, other], pki.fingerprint(other), "n1")
     p.cert = pki.sign_request(ca, key, pki.make_csr(pki.new_key(), "n2"), "n2", [], datetime.timedelta(seconds=100))
     assert p.renewal_due()  # the signing CA changed (rotation)
+
+
+def test_etcd_reached_in_clear_is_named() -> None:
+    from syncmesh_plugin.daemon import plain_etcd
+
+    assert plain_etcd(["http://127.0.0.1:2379", "localhost:2379", "https://10.0.0.5:2379", "http://[::1]:2379"]) == []
+    assert plain_etcd(["http://10.0.0.5:2379", "etcd.lan:2379"]) == ["http://10.0.0.5:2379", "etcd.lan:2379"]
