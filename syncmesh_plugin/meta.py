@@ -581,6 +581,10 @@ class EtcdStore:
         """The published manifest of one path, raw (manifest.decode validates it)."""
         return await self.get(self.keys.file_key(volume, path))
 
+    async def count_files(self, volume: str) -> int:
+        """How many manifests the volume has in etcd (one count-only range read)."""
+        return await self.count_prefix(self.keys.files_prefix(volume))
+
     async def read_files(self, volume: str, *, page: int = 2000) -> tuple[int, AsyncIterator[list[KV]]]:
         """Every manifest of the volume in pages at one revision (the keys: path_of)."""
         return await self.get_range(self.keys.files_prefix(volume), page=page)

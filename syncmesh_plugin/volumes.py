@@ -9,6 +9,7 @@ dockerd never replays Mount after a plugin restart.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -23,6 +24,7 @@ from .engine import Engine
 from .membership import Membership
 from .meta import EtcdStore, EtcdUnavailable, ResyncRequired, WatchInterrupted, dumps, loads
 from .state import LocalState
+from .sync.roles import parse_role
 from .volopts import VolumeError, VolumeOptions, parse_options, validate_name
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,9 @@ def _rfc3339(ts: float) -> str:
 
 
 class VolumeManager:
-    """The Docker-facing operations, on top of the registry (etcd + local copy) and the engine."""
+    """The Docker-facing operations, on top of the registry (etcd + local copy) and the engine.
+
+    (Signatures below say `builtins.list`: in the class body `list` is the Docker List operation.)"""
 
     def __init__(self, *, node_id: str, data_root: str, state: LocalState, engine: Engine,
                  get_store: Callable[[], EtcdStore | None], get_membership: Callable[[], Membership | None],
@@ -87,11 +91,13 @@ class VolumeManager:
             record = {"name": name, "options": options.to_json(), "created_by": self.node_id,
                       "created_at": time.time()}
             try:
-                created, existing = await store.put_if_absent(store.key("volumes", name), dumps(record))
+                created, existing = await store.create_volume(name, dumps(record))
             except EtcdUnavailable as exc:
                 raise ClusterUnavailable(str(exc)) from None
             if created:
                 rev = 0
+                # A new volume is empty: its creator has all of it, so its first Mount never waits.
+                self.state.set_meta(f"complete:{name}", "1")
                 log.info("volume %s created", name, extra={"volume": name})
             else:
                 # Idempotent: the cluster's record (and its options) stays as it was.
@@ -106,7 +112,7 @@ class VolumeManager:
         m = self.get_membership()
         if m is not None:
             with contextlib.suppress(EtcdUnavailable):
-                await m.bind(m.store.key("holders", name, self.node_id), dumps({"at": time.time()}))
+                await m.bind(m.store.keys.holder_key(name, self.node_id), dumps({"at": time.time()}))
                 if not self.state.get_meta(f"held_since:{name}"):
                     # The durable record exists from the first moment (ops keeps it current from then on).
                     now = round(time.time(), 3)
@@ -120,7 +126,7 @@ class VolumeManager:
         kv = None
         if store is not None:
             with contextlib.suppress(EtcdUnavailable):
-                kv = await store.get(store.key("volumes", name))
+                kv = await store.get_volume(name)
         if kv is None:
             raise VolumeError(f"no such volume: {name}")
         record = loads(kv.value)
@@ -183,7 +189,7 @@ class VolumeManager:
         store = self.get_store()
         if store is not None:
             with contextlib.suppress(EtcdUnavailable):
-                total = f" of about {await store.count_prefix(store.files_prefix(name)):,}"
+                total = f" of about {await store.count_files(name):,}"
         log.warning("volume %s: first copy not complete within %.0fs of Mount (%d paths here%s); Mount refused, "
                     "sync continues", name, timeout, here, total, extra={"volume": name})
         raise VolumeError(
@@ -205,7 +211,7 @@ class VolumeManager:
         m = self.get_membership()
         if m is None:
             return  # re-published when etcd comes back (see republish_mounts)
-        key = m.store.key("mounts", name, self.node_id)
+        key = m.store.keys.mount_key(name, self.node_id)
         with contextlib.suppress(EtcdUnavailable):
             if total > 0:
                 await m.bind(key, dumps({"count": total, "at": time.time()}))
@@ -219,7 +225,7 @@ class VolumeManager:
             m = self.get_membership()
             if m is not None:
                 with contextlib.suppress(EtcdUnavailable):
-                    await m.bind(m.store.key("holders", name, self.node_id), dumps({"at": time.time()}))
+                    await m.bind(m.store.keys.holder_key(name, self.node_id), dumps({"at": time.time()}))
 
     async def remove(self, name: Any) -> None:
         name = validate_name(name)
@@ -239,15 +245,12 @@ class VolumeManager:
                 raise VolumeError(self._in_use(name, local, others))
             store = self._store()
             try:
-                await store.delete(store.key("volumes", name))
-                for part in ("files", "mounts", "holders", "applied"):
-                    await store.delete_prefix(store.key(part, name) + b"/")
-                await store.delete(store.head_key(name))
+                await store.delete_volume(name)
             except EtcdUnavailable as exc:
                 raise ClusterUnavailable(str(exc)) from None
             await self._drop_local(name)
 
-    def _in_use(self, name: str, local: int, others: list[str] | None) -> str:
+    def _in_use(self, name: str, local: int, others: builtins.list[str] | None) -> str:
         """Remove's refusal: every node where the volume is mounted (removal is cluster-wide)."""
         nodes = ([f"{self.node_id} (this node, {local} mount{'s' if local != 1 else ''})"] if local else []) \
             + (others or [])
@@ -258,24 +261,51 @@ class VolumeManager:
     async def _drop_local(self, name: str) -> None:
         m = self.get_membership()
         if m is not None:
-            m.forget(m.store.key("holders", name) + b"/")
-            m.forget(m.store.key("mounts", name) + b"/")
+            m.forget(m.store.keys.holders_prefix(name))
+            m.forget(m.store.keys.mounts_prefix(name))
         await self.engine.detach(name, delete_data=True)
         self.state.clear_mounts(name)
         self.state.delete_volume(name)
         log.info("volume %s removed on this node", name, extra={"volume": name})
 
     # ---- replicas: held ahead of mounts, released by an operator
-    async def hold(self, name: Any) -> dict[str, Any]:
-        """Keep a replica of the volume on this node from now on, mounted or not (`syncmesh-plugin hold`)."""
+    async def hold(self, name: Any, role: str | None = None) -> dict[str, Any]:
+        """Keep a replica of the volume on this node from now on, mounted or not (`syncmesh-plugin hold`);
+        with a role, this node's replica is receive-only, send-only or send-receive whatever the
+        volume's `writers` says ("default": back to what it says)."""
         name = validate_name(name)
+        try:
+            override = parse_role(role) if role is not None else None
+        except ValueError:
+            raise VolumeError(f"bad role {role!r}: expected receive-only, send-only, send-receive or default") from None
         async with self._locks[name]:
             rec = self.state.volume(name) or await self._fetch_record(name)
             was = name in self.engine.volumes
             await self._hold(name, rec)
-        return {"volume": name, "node": self.node_id, "held": True, "already": was}
+            vs = self.engine.volumes[name]
+            if role is not None:
+                vs.set_role(override)
+        return {"volume": name, "node": self.node_id, "held": True, "already": was, "role": vs.role.value}
 
-    async def replica_views(self, name: str) -> tuple[int, list[placement.ReplicaView]]:
+    def _held(self, name: Any) -> Any:
+        name = validate_name(name)
+        vs = self.engine.volumes.get(name)
+        if vs is None:
+            raise VolumeError(f"volume {name} is not held on this node ({self.node_id})")
+        return vs
+
+    async def revert(self, name: Any, path: str | None = None) -> dict[str, Any]:
+        """Undo a receive-only replica's local changes (all, or one path)."""
+        return dict(await self._held(name).revert(path))
+
+    async def override(self, name: Any) -> dict[str, Any]:
+        """Publish this node's whole state of the volume over the cluster's."""
+        try:
+            return dict(await self._held(name).override())
+        except ValueError as exc:
+            raise VolumeError(str(exc)) from None
+
+    async def replica_views(self, name: str) -> tuple[int, builtins.list[placement.ReplicaView]]:
         """The volume's latest revision and every replica (durable records, live progress where known)."""
         store = await self._store_soon()
         m = self.get_membership()
@@ -324,7 +354,7 @@ class VolumeManager:
                      sum(1 for v in views if v.node != self.node_id), extra={"volume": name})
         return {"volume": name, "node": self.node_id, "released": True}
 
-    async def place(self) -> list[str]:
+    async def place(self) -> builtins.list[str]:
         """Start holding the volumes whose placement (`replicas`) wants a replica on this node."""
         placed = {n: r for n, r in self.state.volumes().items()
                   if VolumeOptions.from_json(r.get("options", {})).replicas and n not in self.engine.volumes}
@@ -384,10 +414,9 @@ class VolumeManager:
     async def sync_registry(self) -> int:
         """Replace the local copy with etcd's registry; returns the revision read."""
         store = self._store()
-        rev, kvs = await store.get_all(store.key("volumes") + b"/")
+        rev, kvs = await store.volume_records()
         records: dict[str, tuple[dict[str, Any], int]] = {}
-        for kv in kvs:
-            name = kv.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace")
+        for name, kv in kvs:
             try:
                 records[validate_name(name)] = (loads(kv.value), kv.mod_revision)
             except (ValueError, VolumeError):
@@ -404,9 +433,9 @@ class VolumeManager:
             store = self._store()
             rev = await self.sync_registry()
             try:
-                async for batch in store.watch(store.key("volumes") + b"/", rev + 1):
+                async for batch in store.watch_volumes(rev + 1):
                     for ev in batch.events:
-                        name = ev.key.rsplit(b"/", 1)[-1].decode("utf-8", "replace")
+                        name = store.volume_name(ev.key)
                         try:
                             validate_name(name)
                         except VolumeError:

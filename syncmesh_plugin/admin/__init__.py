@@ -15,6 +15,6 @@ from .client import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEM, EXIT_UNREACHABLE, Client
 
 COMMANDS: list[click.Command] = [node.status, cluster.nodes, cluster.watch, cluster.forget, volumes.volumes,
                                  volumes.inspect, volumes.conflicts, volumes.resume, volumes.resync, volumes.hold,
-                                 volumes.release, files.files, files.verify]
+                                 volumes.release, volumes.revert, volumes.override, files.files, files.verify]
 
 __all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEM", "EXIT_UNREACHABLE", "Client"]

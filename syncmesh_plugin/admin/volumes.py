@@ -43,6 +43,8 @@ def inspect(c: Client, as_json: bool, volume: str) -> int:
     click.echo(f"volume    {data['name']}  (created by {data.get('created_by', '?')})")
     click.echo(f"options   {json.dumps(data.get('options', {}), sort_keys=True)}")
     click.echo(f"here      {data['node']}: " + (
+        f"{s.get('role', 'send-receive')}, " + (f"{s['local_changes']} local change(s) kept here, "
+                                                 if s.get("local_changes") else "") +
         f"{'in sync' if s.get('ready') else 'syncing'}, {s.get('files', 0)} files, "
         f"{human_bytes(s.get('bytes', 0))}, {s.get('pending', 0)} pending, {s.get('conflicts', 0)} conflicts, "
         f"{data.get('mounts_here', 0)} mount(s)" if s.get("held") else "not held"))
@@ -114,15 +116,45 @@ def resync(c: Client, as_json: bool, volume: str, path: str | None) -> int:
 
 @admin_command()
 @click.argument("volume")
-def hold(c: Client, as_json: bool, volume: str) -> int:
+@click.option("--role", type=click.Choice(["receive-only", "send-only", "send-receive", "default"]),
+              help="this node's role for VOLUME whatever its writers option says (default: what it says)")
+def hold(c: Client, as_json: bool, volume: str, role: str | None) -> int:
     """Keep a replica of VOLUME on this node from now on, mounted or not (a Swarm task moved here
     then finds its data in place)."""
-    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/hold")
+    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/hold" + (f"?role={q(role)}" if role else ""))
     if as_json:
         emit_json(data)
     else:
-        click.echo(f"volume {volume}: held on {data['node']}" + (" (already)" if data.get("already") else
-                                                                   "; syncing (see `inspect`)"))
+        click.echo(f"volume {volume}: held on {data['node']} as {data.get('role', 'send-receive')}"
+                   + (" (already)" if data.get("already") else "; syncing (see `inspect`)"))
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+@click.argument("path", required=False)
+def revert(c: Client, as_json: bool, volume: str, path: str | None) -> int:
+    """Undo this receive-only replica's local changes to VOLUME (or PATH): local additions are removed,
+    the cluster's version of what was changed or deleted here comes back."""
+    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/revert" + (f"?path={q(path)}" if path else ""))
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"volume {volume}: {data['removed']} local addition(s) removed, {data['restored']} path(s) "
+                   "taken back from the cluster")
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+def override(c: Client, as_json: bool, volume: str) -> int:
+    """Publish this node's whole state of VOLUME over the cluster's (the mass-deletion guard judges
+    the deletions as always)."""
+    data = c.must("POST", f"/api/v1/volumes/{q(volume)}/override")
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"volume {volume}: {data['queued']} path(s) that differ from the cluster published from here")
     return 0
 
 

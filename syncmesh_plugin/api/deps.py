@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from ..auth import AutoAccess
 from ..config import SecurityConfig
 from ..events import EventBus
 from ..meta import KV
@@ -74,11 +75,30 @@ class VolumeRegistry(Protocol):
 
     def mountpoint(self, name: str) -> str: ...
 
-    async def hold(self, name: str) -> dict[str, Any]: ...
+    async def hold(self, name: str, role: str | None = None) -> dict[str, Any]: ...
+
+    async def revert(self, name: str, path: str | None = None) -> dict[str, Any]: ...
+
+    async def override(self, name: str) -> dict[str, Any]: ...
 
     async def release(self, name: str) -> dict[str, Any]: ...
 
     async def forget_node(self, node: str) -> dict[str, Any]: ...
+
+
+class PkiControl(Protocol):
+    """The cluster's own PKI (autotls.PkiApi): its state, and the signer's operations, which any node
+    forwards to the signer."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def cluster_status(self) -> dict[str, Any]: ...
+
+    async def revoke(self, node: str) -> dict[str, Any]: ...
+
+    async def rotate_ca(self) -> dict[str, Any]: ...
+
+    async def rotate_token(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,8 @@ class ApiDeps:
     registry: Callable[[], VolumeRegistry | None]  # None while the daemon starts
     index: Callable[[], LocalState]  # this node's index (opened at start-up)
     chunks: ChunkSource
+    access: AutoAccess | None = None  # the cluster's own PKI: the API is locked, a cluster certificate is admin
+    pki: PkiControl | None = None  # its state and operations (/api/v1/pki)
 
 
 NODE = web.AppKey("node", Node)
@@ -100,4 +122,5 @@ CLUSTER = web.AppKey("cluster", ClusterView)
 EVENTS = web.AppKey("events", EventBus)
 VOLUMES = web.AppKey("volumes", HeldVolumeControl)
 REGISTRY: web.AppKey[Callable[[], VolumeRegistry | None]] = web.AppKey("registry")
+PKI = web.AppKey("pki", PkiControl)
 INDEX: web.AppKey[Callable[[], LocalState]] = web.AppKey("index")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
+from ..pathsafe import PathError
 from ..volopts import VolumeError
 from ..volumes import ClusterUnavailable
 from .common import ApiError, held, known, registry
@@ -92,7 +93,9 @@ async def hold(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     known(request, name)
     try:
-        return web.json_response(await registry(request).hold(name))
+        return web.json_response(await registry(request).hold(name, request.query.get("role")))
+    except VolumeError as exc:
+        raise ApiError(400, str(exc)) from None
     except ClusterUnavailable as exc:
         raise ApiError(503, str(exc)) from None
 
@@ -109,3 +112,26 @@ async def release(request: web.Request) -> web.Response:
         raise ApiError(409, str(exc)) from None
     except ClusterUnavailable as exc:
         raise ApiError(503, str(exc)) from None
+
+
+@routes.post("/api/v1/volumes/{name}/revert")
+async def revert(request: web.Request) -> web.Response:
+    """A receive-only replica's local changes undone (all, or ?path=): additions removed, the cluster's
+    version of what was changed taken back."""
+    name = request.match_info["name"]
+    held(request, name)
+    try:
+        return web.json_response(await registry(request).revert(name, request.query.get("path")))
+    except (VolumeError, PathError) as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+@routes.post("/api/v1/volumes/{name}/override")
+async def override(request: web.Request) -> web.Response:
+    """This node's whole state published over the cluster's (after the mass-deletion guard)."""
+    name = request.match_info["name"]
+    held(request, name)
+    try:
+        return web.json_response(await registry(request).override(name))
+    except VolumeError as exc:
+        raise ApiError(409, str(exc)) from None

@@ -17,6 +17,7 @@ from .decide import Remote, apply_order, differs, known, latest_versions, plan_r
 from .fetch import FetchError
 from .guard import Entry
 from .pending import Pending, record_of
+from .roles import Role
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -55,6 +56,13 @@ class Applier(Stage):
         """Bring the local replica to the given manifests (called with the lock held)."""
         todo = self.not_applied(items, resolving)
         if not todo:
+            return
+        if self.vol.role is Role.SEND_ONLY and not resolving:
+            # A send-only replica keeps its own state: remote changes are counted, not applied (`override`
+            # pushes this node's state over them).
+            for it in todo:
+                if len(self.vol.remote_ignored) < 100_000:
+                    self.vol.remote_ignored[it.rel] = it.rev
             return
         stats = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it in todo])
         clean: list[Pending] = []

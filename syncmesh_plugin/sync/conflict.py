@@ -16,6 +16,7 @@ from ..manifest import Manifest, ManifestError, decode
 from ..pathsafe import conflict_name
 from .decide import Winner, plan_conflict
 from .pending import Pending, record_of
+from .roles import Role
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -29,12 +30,10 @@ class Conflicts(Stage):
 
     async def settle(self, rel: str, local: Manifest, fs: FileStat | None) -> None:
         """Our compare-and-swap failed: another node changed `rel` concurrently. Decide, keep both."""
-        store = self.store
-        key = store.file_key(self.name, rel)
         for _ in range(10):
-            kv = await store.get(key)
+            kv = await self.store.get_file(self.name, rel)
             if kv is None:
-                ok, rev = await self.vol.publisher.cas([(key, local.encode(), 0)])
+                ok, rev = await self.vol.publisher.cas([(rel, local.encode(), 0)])
                 if ok:
                     self.vol.publisher.published([(rel, local, fs)], rev)
                     return
@@ -43,7 +42,8 @@ class Conflicts(Stage):
                 remote = decode(kv.value)
             except ManifestError:
                 remote = Manifest(kind="deleted", origin="?")
-            plan = plan_conflict(self.vol.mode, self.ctx.node_id, self.vol.keep_copies, local, remote)
+            plan = plan_conflict(self.vol.mode, self.ctx.node_id, self.vol.keep_copies, local, remote,
+                                 send_only=self.vol.role is Role.SEND_ONLY)
             if plan.winner is Winner.SAME:
                 # Same content reached from both sides: adopt the published one.
                 self.state.put_files([record_of(self.name, rel, remote, fs, kv.mod_revision)])
@@ -64,8 +64,8 @@ class Conflicts(Stage):
                     # sees both in one batch and builds the copy from its local file before replacing it.
                     copy = conflict_name(rel, stamp, remote.origin or "unknown", self.name_taken)
                     remote.ts = time.time()
-                    ops.append((store.file_key(self.name, copy), remote.encode(), 0))
-                ops.append((key, local.encode(), kv.mod_revision))
+                    ops.append((copy, remote.encode(), 0))
+                ops.append((rel, local.encode(), kv.mod_revision))
                 ok, rev = await self.vol.publisher.cas(ops)
                 if not ok:
                     continue
@@ -115,6 +115,9 @@ class Conflicts(Stage):
 
     async def local_vs_remote(self, it: Pending) -> None:
         """A remote change arrived for a path with an unpublished local edit: settle it through etcd."""
+        if self.vol.role is Role.RECEIVE_ONLY:
+            await self.take_remote(it)
+            return
         if it.fs is None:
             local = Manifest(kind="deleted", origin=self.ctx.node_id, ts=time.time())
         else:
@@ -130,3 +133,18 @@ class Conflicts(Stage):
                 await asyncio.to_thread(localfs.set_attrs, self.root, it.rel, it.m)
             return
         await self.settle(it.rel, local, it.fs)
+
+    async def take_remote(self, it: Pending) -> None:
+        """On a receive-only replica the cluster's version wins; a locally changed file is kept under a
+        conflict name (a local addition: never published either)."""
+        if it.fs is not None and it.fs.kind == "file":
+            stamp = datetime.now(UTC)
+            copy, _ = await asyncio.to_thread(localfs.rename_local, self.root, it.rel,
+                                              conflict_name(it.rel, stamp, self.ctx.node_id, self.name_taken),
+                                              False, self.free_copy_name(it.rel, stamp))
+            self.vol.note_local_changes({copy}, {it.rel})
+            self.record(it.rel, copy, it.m.origin, self.ctx.node_id)
+        else:
+            self.vol.note_local_changes(set(), {it.rel})
+        self.state.delete_files(self.name, [it.rel])
+        await self.vol.applier.apply([Pending(it.rel, it.m, it.rev)], resolving=True)

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from .. import localfs, metrics
 from ..manifest import ManifestError, decode
 from ..meta import EtcdUnavailable, ResyncRequired, WatchEvent, WatchInterrupted
-from ..meta import loads as meta_loads
 from ..pathsafe import PathError, is_internal_name, validate_relpath
 from .apply import APPLY_PAGE
 from .decide import depth, differs
 from .fetch import FetchError
 from .pending import Pending
+from .roles import accepted_origin
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class Follower(Stage):
             backoff = min(backoff * 2, 5.0)
 
     async def follow(self, rev: int, ready_at: int) -> None:
-        prefix = self.store.files_prefix(self.name)
-        async for batch in self.store.watch(prefix, rev + 1):
+        async for batch in self.store.watch_files(self.name, rev + 1):
             if self.vol.root_problem:
                 await self.vol.unpaused.wait()
             while len(self.vol.deferred) >= DEFER_MAX:
@@ -131,6 +130,11 @@ class Follower(Stage):
             return None
         if self.vol.ignored(rel, m.kind == "dir"):
             return None
+        if not accepted_origin(m.origin, self.vol.options.writers):
+            metrics.rejected_input.labels("writer").inc()
+            log.warning("volume %s: ignored %r at revision %d: published by %s, not one of the volume's writers (%s)",
+                        self.name, rel[:200], rev, m.origin[:100] or "?", ",".join(self.vol.options.writers))
+            return None
         return Pending(rel, m, rev)
 
     async def reconcile(self) -> int:
@@ -142,7 +146,7 @@ class Follower(Stage):
         store = self.store
         await self.vol.unpaused.wait()
         async with self.vol.lock:
-            rev, pages = await store.get_range(store.files_prefix(self.name), page=APPLY_PAGE)
+            rev, pages = await store.read_files(self.name, page=APPLY_PAGE)
             self.state.begin_seen()
             async for page in pages:
                 items = []
@@ -159,18 +163,17 @@ class Follower(Stage):
                     # runs again later (what was applied is skipped then) and the revision is not advanced.
                     self.vol.deferred.clear()
                     raise FetchError(f"{DEFER_MAX} changes wait for chunks no reachable peer has")
-            gc = await store.get(store.key("gc", self.name))
-            horizon = int(meta_loads(gc.value).get("revision", 0)) if gc is not None else 0
+            horizon = await store.gc_horizon(self.name)
             # Index entries etcd no longer has: deleted elsewhere while we were away and their tombstones
             # already collected (delete them here, unless changed since), or never published (publish).
             removed = 0
             for batch in self.state.unseen_files(self.name):
-                stats = await asyncio.to_thread(lambda b=batch: [localfs.lstat(self.root, r.path) for r in b])
+                stats = await asyncio.to_thread(lambda b: [localfs.lstat(self.root, r.path) for r in b], batch)
                 collected = sorted((r.path for r, fs in zip(batch, stats, strict=True)
                                     if fs is not None and 0 < r.rev <= horizon and not differs(r, fs)),
                                    key=depth, reverse=True)
                 kept = set(await asyncio.to_thread(
-                    lambda c=collected: [p for p in c if not localfs.remove(self.root, p)]))
+                    lambda c: [p for p in c if not localfs.remove(self.root, p)], collected))
                 gone = [r.path for r, fs in zip(batch, stats, strict=True)
                         if fs is None or (r.path in collected and r.path not in kept)]
                 self.state.delete_files(self.name, gone)
@@ -224,7 +227,7 @@ class Follower(Stage):
             return items
         out = []
         for it in items:
-            kv = await self.store.get(self.store.file_key(self.name, it.rel))
+            kv = await self.store.get_file(self.name, it.rel)
             fresh = self.parse(kv.key, kv.value, kv.mod_revision) if kv is not None else None
             out.append(fresh if fresh is not None and fresh.rev > it.rev else it)
         return out

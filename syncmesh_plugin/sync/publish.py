@@ -14,9 +14,10 @@ from ..localfs import FileStat
 from ..manifest import Manifest
 from ..meta import MAX_TXN_OPS, EtcdUnavailable
 from ..state import FileRecord
-from .decide import Local, apply_order, plan_local
+from .decide import Local, apply_order, locally_changed, plan_local
 from .guard import Entry
 from .pending import record_of
+from .roles import Role
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -125,6 +126,11 @@ class Publisher(Stage):
             metrics.pending_items.labels(self.name).set(0)
             recs, stats = await self.vol.scanner.expand(paths)
             paths = set(stats)
+            if self.vol.role is Role.RECEIVE_ONLY:
+                # Detected as always, kept and shown, never published (see sync/roles.py).
+                changed = {p for p in paths if locally_changed(recs.get(p), stats[p])}
+                self.vol.note_local_changes(changed, paths - changed)
+                return
             now = time.time()
             node = self.ctx.node_id
 
@@ -151,11 +157,11 @@ class Publisher(Stage):
                                      ts=now, renamed_from=src)
                         out.append((p, m, fs))
                         continue
-                    m = localfs.describe(self.root, p, fs, node, now)
-                    if m is None:
+                    described = localfs.describe(self.root, p, fs, node, now)
+                    if described is None:
                         unstable.add(p)
                     else:
-                        out.append((p, m, fs))
+                        out.append((p, described, fs))
                 return out, unstable
 
             built, unstable = await asyncio.to_thread(build)
@@ -204,8 +210,7 @@ class Publisher(Stage):
 
     async def publish(self, batch: list[tuple[str, Manifest, FileStat | None]],
                        recs: dict[str, FileRecord]) -> None:
-        store = self.store
-        items = [(store.file_key(self.name, p), m.encode(), r.rev if (r := recs.get(p)) else 0) for p, m, _ in batch]
+        items = [(p, m.encode(), r.rev if (r := recs.get(p)) else 0) for p, m, _ in batch]
         ok, rev = await self.cas(items)
         if ok:
             self.published(batch, rev)
@@ -217,10 +222,11 @@ class Publisher(Stage):
             else:
                 await self.vol.conflicts.settle(one[0], one[1], one[2])
 
-    async def cas(self, items: list[tuple[bytes, bytes, int]]) -> tuple[bool, int]:
-        """Every publish to the volume: compare-and-swap of manifests, rewriting the volume's head key
-        in the same transaction (how `latest_revision` knows the latest change without a range read)."""
-        return await self.store.cas_put_many(items, self.store.head_key(self.name))
+    async def cas(self, items: list[tuple[str, bytes, int]]) -> tuple[bool, int]:
+        """Every publish to the volume: compare-and-swap of manifests (path, value, base revision),
+        rewriting the volume's head key in the same transaction (how `latest_revision` knows the latest
+        change without a range read)."""
+        return await self.store.publish(self.name, items)
 
     def published(self, batch: list[tuple[str, Manifest, FileStat | None]], rev: int) -> None:
         self.state.put_files(record_of(self.name, p, m, fs, rev) for p, m, fs in batch)

@@ -10,12 +10,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import chunker, localfs, metrics
 from ..ignore import IgnoreMatcher
-from ..manifest import decode
+from ..manifest import ManifestError, decode
 from ..meta import EtcdStore, EtcdUnavailable
 from ..pathsafe import is_internal_name, validate_relpath
 from ..volopts import VolumeOptions
@@ -24,12 +24,13 @@ from .apply import Applier
 from .commit import Committer, PartialFile
 from .conflict import Conflicts
 from .context import EngineContext
-from .decide import locally_changed
+from .decide import depth, differs, locally_changed
 from .fetch import Fetcher
 from .follow import Follower
 from .guard import DeleteGuard
-from .pending import Pending
+from .pending import Pending, record_of
 from .publish import Publisher
+from .roles import Role, effective_role, parse_role
 from .scan import Scanner
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ class VolumeSync:
         self.accept_local = False  # the operator accepted the local state: the next rescan publishes it all
         self.partial: dict[str, tuple[PartialFile, int, int]] = {}  # chunks of big files being applied
         self.side_tasks: set[asyncio.Task[None]] = set()  # conflict copies being saved
+        # Roles (sync/roles.py): a receive-only replica keeps its local changes to itself; a send-only one
+        # counts the remote changes it does not apply.
+        self.role_override = parse_role(self.state.get_meta(f"role:{name}") or "")
+        self.local_changes: set[str] = set()
+        self.local_warned_at = 0.0
+        self.remote_ignored: dict[str, int] = {}
         # The stages, in the order a change flows through them (see the package docstring).
         self.scanner = Scanner(self)
         self.publisher = Publisher(self)
@@ -168,6 +175,90 @@ class VolumeSync:
         if now != self.state.get_meta(f"root:{self.name}"):
             return f"the volume directory {self.root} was replaced (device/inode changed)"
         return ""
+
+    @property
+    def role(self) -> Role:
+        return effective_role(self.ctx.node_id, self.options.writers, self.role_override)
+
+    def set_role(self, role: Role | None) -> None:
+        """An operator's role for this node's replica (None: whatever the volume's `writers` says)."""
+        self.role_override = role
+        self.state.set_meta(f"role:{self.name}", role.value if role else "")
+        log.info("volume %s: this node's replica is now %s", self.name, self.role, extra={"volume": self.name})
+        self.scanner.rescan_soon()  # what changed meanwhile is published, or kept as local changes
+
+    def note_local_changes(self, changed: set[str], unchanged: set[str]) -> None:
+        """A receive-only replica's edits: kept, shown, warned about once a minute (never per file)."""
+        self.local_changes |= changed
+        self.local_changes -= unchanged
+        metrics.local_changes.labels(self.name).set(len(self.local_changes))
+        if changed and time.monotonic() - self.local_warned_at >= 60:
+            self.local_warned_at = time.monotonic()
+            log.warning("volume %s: %d local change(s) on a receive-only replica are kept here and not published "
+                        "(e.g. %s); `syncmesh-plugin revert %s` takes the cluster's version back", self.name,
+                        len(self.local_changes), sorted(self.local_changes)[0], self.name, extra={"volume": self.name})
+
+    async def revert(self, path: str | None = None) -> dict[str, Any]:
+        """Syncthing's "Revert Local Changes": local additions go, the cluster's version of what was
+        changed or deleted here comes back."""
+        if path is None:
+            await self.scanner.rescan("revert")  # the local changes as the disk has them now
+        async with self.lock:
+            todo = set(self.local_changes) if path is None else {validate_relpath(path)}
+            recs = self.state.files_for(self.name, todo)
+            added = sorted((p for p in todo if (r := recs.get(p)) is None or r.kind == "deleted"), key=depth,
+                           reverse=True)
+            removed = await asyncio.to_thread(lambda: [p for p in added if localfs.remove(self.root, p)])
+            back: list[Pending] = []
+            for p in sorted(todo - set(added)):
+                kv = await self.store.get_file(self.name, p)
+                if kv is not None:
+                    back.append(Pending(p, decode(kv.value), kv.mod_revision))
+            if back:
+                await self.applier.apply(back, resolving=True)
+            self.note_local_changes(set(), todo)
+        log.warning("volume %s: local changes reverted: %d addition(s) removed, %d path(s) taken back from the "
+                    "cluster", self.name, len(removed), len(back), extra={"volume": self.name})
+        return {"volume": self.name, "removed": len(removed), "restored": len(back)}
+
+    async def override(self) -> dict[str, Any]:
+        """Syncthing's "Override Changes": this node's whole state is published over the cluster's. Each
+        path etcd has that differs here gets its published revision as the base of a new publish (the
+        path itself, or a tombstone when it is gone here); the mass-deletion guard judges as always."""
+        if self.role is Role.RECEIVE_ONLY:
+            raise ValueError(f"volume {self.name}: this node's replica is receive-only; it publishes nothing")
+        store = self.store
+        queued = 0
+        async with self.lock:
+            _, pages = await store.read_files(self.name, page=2048)
+            async for page in pages:
+                items = [(store.path_of(self.name, kv.key), kv) for kv in page]
+                stats = await asyncio.to_thread(lambda items=items: {rel: localfs.lstat(self.root, rel)
+                                                                     for rel, _ in items})
+                recs = self.state.files_for(self.name, [rel for rel, _ in items])
+                adopt = []
+                for rel, kv in items:
+                    try:
+                        remote = decode(kv.value)
+                    except ManifestError:
+                        continue
+                    fs, rec = stats[rel], recs.get(rel)
+                    same = (fs is not None and rec is not None and not differs(rec, fs) and rec.kind == remote.kind
+                            and rec.digest == remote.digest and rec.target == remote.target)
+                    if same or (fs is None and remote.kind == "deleted"):
+                        if rec is not None:
+                            adopt.append(replace(rec, rev=kv.mod_revision))
+                        continue
+                    # The base of our publish is what etcd holds now; inode 0 makes the path differ.
+                    adopt.append(record_of(self.name, rel, remote, None, kv.mod_revision))
+                    self.dirty.add(rel)
+                    queued += 1
+                self.state.put_files(adopt)
+            self.remote_ignored.clear()
+        self.scanner.rescan_soon()  # and whatever exists only here
+        log.warning("volume %s: overriding the cluster with this node's state (%d path(s) differ)", self.name, queued,
+                    extra={"volume": self.name})
+        return {"volume": self.name, "queued": queued}
 
     @property
     def paused(self) -> str:
@@ -273,6 +364,8 @@ class VolumeSync:
             "watches": w.watch_count if w else 0, "watcher_degraded": bool(w and w.degraded),
             "watcher_reason": (w.degraded_reason or "") if w else "",
             "paused": self.paused, "deferred": len(self.deferred), **self.guard.describe(),
+            "role": self.role.value, "local_changes": len(self.local_changes),
+            "local_changes_sample": sorted(self.local_changes)[:20], "remote_ignored": len(self.remote_ignored),
         }
 
     async def resync(self, path: str | None = None) -> dict[str, Any]:
@@ -285,8 +378,8 @@ class VolumeSync:
             self.kick.set()
             return {"volume": self.name, "action": "rescan"}
         rel = validate_relpath(path)
-        kv = await self.store.get(self.store.file_key(self.name, rel))
-        remote = decode(kv.value) if kv is not None else None
+        kv = await self.store.get_file(self.name, rel)
+        remote, rev = (decode(kv.value), kv.mod_revision) if kv is not None else (None, 0)
         async with self.lock:
             rec = self.state.file(self.name, rel)
             fs = await asyncio.to_thread(localfs.lstat, self.root, rel)
@@ -297,16 +390,16 @@ class VolumeSync:
                 return {"volume": self.name, "path": rel, "action": "republish"}
             if remote is None:
                 return {"volume": self.name, "path": rel, "action": "none", "reason": "unknown path"}
-            it = Pending(rel, remote, kv.mod_revision, fs=fs)
-            if rec is None or rec.rev < kv.mod_revision:
+            it = Pending(rel, remote, rev, fs=fs)
+            if rec is None or rec.rev < rev:
                 await self.applier.apply([it])
-                return {"volume": self.name, "path": rel, "action": "apply", "revision": kv.mod_revision}
+                return {"volume": self.name, "path": rel, "action": "apply", "revision": rev}
             if remote.kind == "file" and fs is not None:
                 local = await asyncio.to_thread(localfs.describe, self.root, rel, fs, self.ctx.node_id, time.time())
                 if local is not None and not local.content_equal(remote):
                     # The index agrees with stat but not with the bytes: fetch the published version again
                     # (local chunks are verified before reuse, so damaged ones come from peers).
                     await self.applier.apply_files([it])
-                    return {"volume": self.name, "path": rel, "action": "refetch", "revision": kv.mod_revision,
+                    return {"volume": self.name, "path": rel, "action": "refetch", "revision": rev,
                             "deferred": rel in self.deferred}
             return {"volume": self.name, "path": rel, "action": "none", "reason": "in sync"}
