@@ -125,7 +125,9 @@ class Publisher(Stage):
                 self.vol.kick.set()
             metrics.pending_items.labels(self.name).set(0)
             recs, stats = await self.vol.scanner.expand(paths)
-            paths = set(stats)
+            # Directory-only ignore patterns (`cache/`) need to know what the path is: now we do.
+            paths = {p for p, fs in stats.items()
+                     if not self.vol.ignored(p, (fs.kind if fs else getattr(recs.get(p), "kind", "")) == "dir")}
             if self.vol.role is Role.RECEIVE_ONLY:
                 # Detected as always, kept and shown, never published (see sync/roles.py).
                 changed = {p for p in paths if locally_changed(recs.get(p), stats[p])}

@@ -127,7 +127,7 @@ def test_ignore_patterns(cluster, etcd, volume):
     # n1 has published all it saw change and n2 followed up to that revision: what is not there now never will be
     settled(etcd, cluster.prefix, volume, writers=nodes[:1], followers=nodes[1:])
     published = {k.rsplit(f"/files/{volume}/", 1)[1] for k in keys_under(etcd, f"{cluster.prefix}/files/{volume}/")}
-    assert "keep.txt" in published and not published & {"db.lock", "cache/blob"}, published
+    assert "keep.txt" in published and not published & {"db.lock", "cache/blob", "cache"}, published
     assert not (b / "db.lock").exists() and not (b / "cache").exists()
 
 
