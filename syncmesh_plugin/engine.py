@@ -19,13 +19,10 @@ import shutil
 
 from . import metrics
 from .sync.context import EngineContext
-from .sync.decide import differs
 from .sync.volume import VolumeSync
 from .volopts import VolumeOptions
 
 __all__ = ["Engine", "EngineContext", "VolumeSync"]
-
-_differs = differs  # still imported by opsapi until it takes sync.decide.differs
 
 log = logging.getLogger(__name__)
 

@@ -175,19 +175,7 @@ class EtcdStore:
         self._reauth_at = 0.0
         self.request_hook: Callable[[str, float, bool], None] | None = None  # metrics: (op, seconds, ok)
 
-    # ---- keys (engine.py and volumes.py still build keys through these; see issue 14)
-    def key(self, *parts: str) -> bytes:
-        return self.keys.join(*parts)
-
-    def file_key(self, volume: str, path: str) -> bytes:
-        return self.keys.file_key(volume, path)
-
-    def files_prefix(self, volume: str) -> bytes:
-        return self.keys.files_prefix(volume)
-
-    def head_key(self, volume: str) -> bytes:
-        return self.keys.head_key(volume)
-
+    # ---- keys: callers read paths and names back through these (lease-bound keys: self.keys)
     def path_of(self, volume: str, key: bytes) -> str:
         """The path of a key of the volume's files (a watch event's, a range read's)."""
         return self.keys.path_of(volume, key)
