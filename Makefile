@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit integration lint bench e2e clean deps
+.PHONY: install run test unit integration lint typecheck bench e2e clean deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: install deps
 lint: install
 	$(BIN)/ruff check syncmesh_plugin tests
 
+# Static types of the package ([tool.mypy] in pyproject.toml).
+typecheck: install
+	$(BIN)/mypy
+
 unit: install
 	$(BIN)/python -m pytest tests/unit -q
 
@@ -34,6 +38,7 @@ integration: install deps
 
 test: install deps
 	$(BIN)/ruff check syncmesh_plugin tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest tests/unit tests/integration -q -p no:cacheprovider
 
 # Convergence benchmarks, syncmesh and Syncthing side by side (BENCH_ARGS="--quick", "--only 6,7").

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import metrics
 
@@ -137,7 +138,7 @@ def make_middleware(
     health_open: bool = True,
     max_body: int | None = None,
     auto: AutoAccess | None = None,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """The aiohttp middleware enforcing the rules above (and the Content-Length cap, auth on or off)."""
     if auto is not None:
         enabled = True

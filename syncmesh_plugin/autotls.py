@@ -140,12 +140,14 @@ class ClusterPki:
     @staticmethod
     def _issuer_of_crl(bundle: Bundle, crl: x509.CertificateRevocationList) -> x509.Certificate | None:
         for ca in bundle.cas:
+            # cryptography types public_key() as any certificate key (X25519, X448 too) and this argument as a
+            # signing key: the cluster's CAs are EC keys (pki.py), and a wrong type would raise, not pass
             if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
                 return ca
         return None
 
     def _recompute_revoked(self) -> None:
-        out = set()
+        out: set[str] = set()
         for crl in self.crls.values():
             out.update(pki.serial_hex(r.serial_number) for r in crl)
         self.revoked = frozenset(out)
@@ -521,7 +523,8 @@ class ClusterPki:
         if pki.common_name(csr) != node:
             raise PkiError("the request names another node")
         der = pki.csr_der(csr)
-        proof = rec.get("proof") if isinstance(rec.get("proof"), dict) else {}
+        raw_proof = rec.get("proof")
+        proof: dict[str, Any] = raw_proof if isinstance(raw_proof, dict) else {}
         kind = proof.get("kind")
         forgotten = node in self._forgotten()
         if kind == "join":

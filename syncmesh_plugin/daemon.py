@@ -86,7 +86,7 @@ class Daemon:
         self.cfg = cfg
         self.started_at = time.time()
         self.advertise = cfg.advertise_url()
-        self.state: LocalState = None  # type: ignore[assignment]
+        self.state: LocalState = None  # type: ignore[assignment]  # opened by start(), before anything reads it
         self.store: EtcdStore | None = None
         self.membership: Membership | None = None
         self.embedded: EmbeddedEtcd | None = None
@@ -94,7 +94,7 @@ class Daemon:
         self.etcd_ready = asyncio.Event()
         self.etcd_ok = False
         self.etcd_error = "not connected yet"
-        self.engine: Engine = None  # type: ignore[assignment]
+        self.engine: Engine = None  # type: ignore[assignment]  # made by start(), before anything reads it
         self.manager: VolumeManager | None = None
         self.chunk_source = _ChunkSource(self)
         self.stop_event = asyncio.Event()
@@ -280,6 +280,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self.housekeeper.run(), name="housekeeping"))
         if self.pki is not None:
             self._tasks.append(asyncio.create_task(self.pki.run(), name="pki"))
+        assert self.manager is not None  # made by start() before this loop
         self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
 
     async def _connect(self) -> None:
@@ -311,7 +312,8 @@ class Daemon:
             raise
         self.store, self.membership = store, membership
         assert self.manager is not None
-        membership.on_lease_lost = lambda: asyncio.ensure_future(self.manager.republish_mounts())  # type: ignore
+        manager = self.manager
+        membership.on_lease_lost = lambda: asyncio.ensure_future(manager.republish_mounts())
         self.etcd_ready.set()
         await self.manager.sync_registry()
         self.etcd_ok, self.etcd_error = True, ""  # healthy once the registry copy is current

@@ -118,7 +118,7 @@ def parse_chunk_list(raw: bytes, size: int) -> list[list[Any]]:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ManifestError(f"chunk-list blob is not JSON: {type(exc).__name__}") from None
     check_chunks(chunks, size)
-    return chunks  # type: ignore[no-any-return]
+    return chunks
 
 
 def decode(raw: bytes) -> Manifest:

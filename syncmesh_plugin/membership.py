@@ -60,7 +60,7 @@ class Membership:
         self.started_at = time.time()
         self._bound: dict[bytes, bytes] = {}
         self._task: asyncio.Task[None] | None = None
-        self.on_lease_lost: Callable[[], None] | None = None
+        self.on_lease_lost: Callable[[], object] | None = None  # its result is ignored
         self.healthy = False
 
     def record(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -29,6 +29,13 @@ from etcd3aio.errors import EtcdUnauthenticatedError
 from .config import EtcdConfig
 from .keyspace import Keyspace
 from .manifest import ManifestError, decode
+
+if TYPE_CHECKING:
+    from etcd3aio.cluster import ClusterService
+    from etcd3aio.kv import KVService
+    from etcd3aio.lease import LeaseService
+    from etcd3aio.maintenance import MaintenanceService
+    from etcd3aio.watch import WatchService
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,24 @@ def _op_put(key: bytes, value: bytes, lease: int = 0) -> RequestOp:
     return KVService.txn_op_put(key, value, lease=lease)
 
 
+_S = TypeVar("_S")
+
+
+def _connected(service: _S | None) -> _S:
+    """One of etcd3aio's services: they are None until its client connects (and once it is closed)."""
+    if service is None:
+        raise EtcdUnavailable("etcd is not connected")
+    return service
+
+
+class _TLS(TypedDict, total=False):
+    """etcd3aio's TLS arguments (PEM bytes)."""
+
+    ca_cert: bytes
+    cert_chain: bytes
+    cert_key: bytes
+
+
 def _wrap(exc: BaseException, what: str) -> EtcdUnavailable:
     if isinstance(exc, grpc.aio.AioRpcError):
         detail = f"{exc.code().name}: {exc.details()}"
@@ -202,19 +227,20 @@ class EtcdStore:
             if self.cfg.username:
                 self._refresher = client.token_refresher(self.cfg.username, str(self.cfg.password))
                 await asyncio.wait_for(self._refresher.__aenter__(), self.timeout)
-            await asyncio.wait_for(client.kv.get(self.keys.ping_key(), timeout=self.timeout), self.timeout + 1)
+            ping = _connected(client.kv).get(self.keys.ping_key(), timeout=self.timeout)
+            await asyncio.wait_for(ping, self.timeout + 1)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             await self.close()
             raise _wrap(exc, f"connect to {', '.join(self.endpoints)}") from None
 
-    def _tls_material(self) -> dict[str, bytes | None]:
+    def _tls_material(self) -> _TLS:
         """TLS when a CA is given, an https:// endpoint is used or a client certificate is configured
         (without a CA file the system's trust store checks etcd's certificate)."""
         wants_tls = (bool(self.cfg.tls_ca_file or self.cfg.tls_cert_file)
                      or any(ep.startswith("https://") for ep in self.endpoints))
         if not wants_tls:
             return {}
-        tls: dict[str, bytes | None] = {}
+        tls: _TLS = {}
         try:
             if self.cfg.tls_ca_file:
                 with open(self.cfg.tls_ca_file, "rb") as fh:
@@ -249,6 +275,26 @@ class EtcdStore:
             raise EtcdUnavailable("etcd is not connected")
         return self._client
 
+    @property
+    def _kv(self) -> KVService:
+        return _connected(self.client.kv)
+
+    @property
+    def _lease(self) -> LeaseService:
+        return _connected(self.client.lease)
+
+    @property
+    def _watch(self) -> WatchService:
+        return _connected(self.client.watch)
+
+    @property
+    def _maintenance(self) -> MaintenanceService:
+        return _connected(self.client.maintenance)
+
+    @property
+    def _cluster(self) -> ClusterService:
+        return _connected(self.client.cluster)
+
     async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         t0 = time.monotonic()
         ok = False
@@ -279,8 +325,8 @@ class EtcdStore:
             client = self.client
             client.set_token(None)  # etcd rejects Authenticate itself when it carries a stale token
             try:
-                resp = await client.auth.authenticate(self.cfg.username, str(self.cfg.password),
-                                                      timeout=self.timeout)
+                resp = await _connected(client.auth).authenticate(self.cfg.username, str(self.cfg.password),
+                                                                  timeout=self.timeout)
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("etcd re-authentication as %s failed: %s", self.cfg.username, type(exc).__name__)
                 return False
@@ -293,10 +339,10 @@ class EtcdStore:
     async def ping(self) -> None:
         # A read inside our prefix (etcd3aio's ping reads a key outside it, which a user whose role only
         # covers the prefix may not do).
-        await self._call("status", lambda: self.client.kv.get(self.keys.ping_key(), timeout=self.timeout))
+        await self._call("status", lambda: self._kv.get(self.keys.ping_key(), timeout=self.timeout))
 
     async def get(self, key: bytes) -> KV | None:
-        resp = await self._call("get", lambda: self.client.kv.get(key, timeout=self.timeout))
+        resp = await self._call("get", lambda: self._kv.get(key, timeout=self.timeout))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -308,7 +354,7 @@ class EtcdStore:
 
         Returns (revision, async iterator of pages)."""
         end = prefix_range_end(prefix)
-        first = await self._call("range", lambda: self.client.kv.get(
+        first = await self._call("range", lambda: self._kv.get(
             prefix, end, revision=revision, limit=page, timeout=self.timeout * 4))
         rev = first.header.revision if revision == 0 else revision
 
@@ -321,8 +367,11 @@ class EtcdStore:
                 if not resp.more or not kvs:
                     return
                 start = kvs[-1].key + b"\x00"
-                resp = await self._call("range", lambda s=start: self.client.kv.get(
-                    s, end, revision=rev, limit=page, timeout=self.timeout * 4))
+
+                def next_page(s: bytes = start) -> Awaitable[Any]:
+                    return self._kv.get(s, end, revision=rev, limit=page, timeout=self.timeout * 4)
+
+                resp = await self._call("range", next_page)
 
         return rev, pages()
 
@@ -334,12 +383,12 @@ class EtcdStore:
         return rev, out
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        resp = await self._call("put", lambda: self.client.kv.put(key, value, lease=lease, timeout=self.timeout))
+        resp = await self._call("put", lambda: self._kv.put(key, value, lease=lease, timeout=self.timeout))
         return int(resp.header.revision)
 
     async def put_if_absent(self, key: bytes, value: bytes) -> tuple[bool, KV | None]:
         """Create the key unless it exists; returns (created, existing kv)."""
-        kv = self.client.kv
+        kv = self._kv
         resp = await self._call("txn", lambda: kv.txn(
             [kv.txn_compare_create_revision(key, 0)], [kv.txn_op_put(key, value)], [kv.txn_op_get(key)],
             timeout=self.timeout))
@@ -359,7 +408,7 @@ class EtcdStore:
         Returns (succeeded, revision). At most MAX_TXN_OPS items."""
         if len(items) + (mark is not None) > ETCD_MAX_TXN_OPS:
             raise ValueError("too many operations for one etcd transaction")
-        kv = self.client.kv
+        kv = self._kv
         compares = [_cmp_mod(k, base) for k, _, base in items]
         ops = [_op_put(k, v) for k, v, _ in items]
         if mark is not None:
@@ -368,15 +417,15 @@ class EtcdStore:
         return bool(resp.succeeded), int(resp.header.revision)
 
     async def delete(self, key: bytes) -> None:
-        await self._call("delete", lambda: self.client.kv.delete(key, timeout=self.timeout))
+        await self._call("delete", lambda: self._kv.delete(key, timeout=self.timeout))
 
     async def delete_prefix(self, prefix: bytes) -> int:
-        resp = await self._call("delete", lambda: self.client.kv.delete(
+        resp = await self._call("delete", lambda: self._kv.delete(
             prefix, prefix_range_end(prefix), timeout=self.timeout * 4))
         return int(resp.deleted)
 
     async def count_prefix(self, prefix: bytes) -> int:
-        resp = await self._call("range", lambda: self.client.kv.get(
+        resp = await self._call("range", lambda: self._kv.get(
             prefix, prefix_range_end(prefix), count_only=True, timeout=self.timeout))
         return int(resp.count)
 
@@ -390,7 +439,7 @@ class EtcdStore:
         from etcd3aio import SortOrder, SortTarget
 
         prefix = self.keys.files_prefix(volume)
-        resp = await self._call("range", lambda: self.client.kv.get(
+        resp = await self._call("range", lambda: self._kv.get(
             prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
             keys_only=True, timeout=self.timeout * 12))
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
@@ -399,7 +448,7 @@ class EtcdStore:
                                   fence: tuple[bytes, int] | None = None) -> bool:
         """Delete keys only if each still has the given mod_revision (and, with a fence, only while
         the fence key still has that create_revision: a leader that lost its lease deletes nothing)."""
-        kv = self.client.kv
+        kv = self._kv
         compares = [_cmp_mod(k, rev) for k, rev in items]
         if fence is not None:
             compares.append(kv.txn_compare_create_revision(fence[0], fence[1]))
@@ -409,35 +458,35 @@ class EtcdStore:
 
     async def status(self) -> dict[str, int]:
         """Database size of the member we talk to (for defragmentation decisions and the quota)."""
-        st = await self._call("status", lambda: self.client.maintenance.status(timeout=self.timeout))
+        st = await self._call("status", lambda: self._maintenance.status(timeout=self.timeout))
         return {"db_size": int(st.dbSize), "db_size_in_use": int(getattr(st, "dbSizeInUse", 0) or 0),
                 "revision": int(st.header.revision)}
 
     async def members(self) -> dict[str, Any]:
         """The etcd cluster's members and which one leads (for the cluster status API)."""
-        resp = await self._call("member_list", lambda: self.client.cluster.member_list(timeout=self.timeout))
+        resp = await self._call("member_list", lambda: self._cluster.member_list(timeout=self.timeout))
         leader = 0
         with contextlib.suppress(EtcdUnavailable):
-            st = await self._call("status", lambda: self.client.maintenance.status(timeout=self.timeout))
+            st = await self._call("status", lambda: self._maintenance.status(timeout=self.timeout))
             leader = int(st.leader)
         return {"leader": f"{leader:x}" if leader else "", "members": [
             {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
              "learner": bool(m.isLearner), "leader": m.ID == leader} for m in resp.members]}
 
     async def defragment(self) -> None:
-        await self._call("defragment", lambda: self.client.maintenance.defragment(timeout=120))
+        await self._call("defragment", lambda: self._maintenance.defragment(timeout=120))
 
     async def alarms(self) -> list[str]:
         """Active etcd alarms (NOSPACE: the database hit its quota and refuses writes)."""
-        resp = await self._call("alarm", lambda: self.client.maintenance.alarms(timeout=self.timeout))
+        resp = await self._call("alarm", lambda: self._maintenance.alarms(timeout=self.timeout))
         names = {1: "NOSPACE", 2: "CORRUPT"}
         return [names.get(int(a.alarm), str(a.alarm)) for a in resp.alarms]
 
     async def compact(self, revision: int) -> None:
-        await self._call("compact", lambda: self.client.kv.compact(revision, physical=True, timeout=30))
+        await self._call("compact", lambda: self._kv.compact(revision, physical=True, timeout=30))
 
     async def current_revision(self) -> int:
-        resp = await self._call("get", lambda: self.client.kv.get(self.keys.rev_key(), timeout=self.timeout))
+        resp = await self._call("get", lambda: self._kv.get(self.keys.rev_key(), timeout=self.timeout))
         return int(resp.header.revision)
 
     # ---- the keyspace's records, typed
@@ -647,7 +696,7 @@ class EtcdStore:
 
     # ---- leases
     async def grant_lease(self, ttl: int) -> int:
-        resp = await self._call("lease", lambda: self.client.lease.grant(ttl=ttl, timeout=self.timeout))
+        resp = await self._call("lease", lambda: self._lease.grant(ttl=ttl, timeout=self.timeout))
         return int(resp.ID)
 
     async def keep_alive_once(self, lease_id: int) -> int:
@@ -659,7 +708,7 @@ class EtcdStore:
             async def req() -> AsyncIterator[Any]:
                 yield LeaseKeepAliveRequest(ID=lease_id)
 
-            stream = self.client.lease._stub.LeaseKeepAlive(req(), metadata=self.client.lease._metadata or None)
+            stream = self._lease._stub.LeaseKeepAlive(req(), metadata=self._lease._metadata or None)
             try:
                 async with asyncio.timeout(self.timeout):
                     async for resp in stream:
@@ -672,7 +721,7 @@ class EtcdStore:
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(EtcdUnavailable):
-            await self._call("lease", lambda: self.client.lease.revoke(lease_id, timeout=2))
+            await self._call("lease", lambda: self._lease.revoke(lease_id, timeout=2))
 
     # ---- watch
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
@@ -680,8 +729,8 @@ class EtcdStore:
 
         Transient disconnects are retried by etcd3aio (it resumes at the last revision + 1). etcd3aio
         yields a response with compact_revision set and then hangs: that is detected here."""
-        it = self.client.watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision,
-                                     progress_notify=True)
+        it = self._watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision,
+                               progress_notify=True)
         streams = 0
         try:
             async for resp in it:
@@ -711,6 +760,7 @@ class EtcdStore:
             raise _wrap(exc, "watch") from None
         finally:
             with contextlib.suppress(Exception):
+                # etcd3aio annotates its watch, an async generator, as returning AsyncIterator (no aclose)
                 await it.aclose()  # type: ignore[attr-defined]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,7 +31,8 @@ async def health(request: web.Request) -> web.Response:
     ok = all(c["ok"] for c in comps.values())
     # A volume short of the replicas its placement asks for still serves: "degraded", but not a 503.
     short = bool(comps.get("replicas", {}).get("degraded"))
-    body = {"status": "ok" if ok and not short else "degraded", "node": node.node_id, "components": comps}
+    body: dict[str, Any] = {"status": "ok" if ok and not short else "degraded", "node": node.node_id,
+                            "components": comps}
     warnings = [str(c["warning"]) for c in comps.values() if c.get("warning")]
     if warnings:
         body["warnings"] = warnings  # plain HTTP: healthy, and said loudly

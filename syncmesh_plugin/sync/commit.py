@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -155,8 +156,8 @@ class Committer(Stage):
         self.state.put_files(await asyncio.to_thread(rename_all))
         for it, old_fd in displaced:
             self.keep_displaced(it, old_fd)
-        for it, now in raced:
-            it.fs = now
+        for it, seen in raced:
+            it.fs = seen
             await self.vol.conflicts.local_vs_remote(it)
 
     def keep_displaced(self, it: Pending, fd: int) -> None:
@@ -213,14 +214,18 @@ class Committer(Stage):
                 lo = min(off for _, off, _ in group)
                 localfs.start_writeback(fd, lo, max(off + ln for _, off, ln in group) - lo)
 
-            def published(group: list[tuple[str, int, int]]) -> None:
+            def published(group: list[tuple[str, int, int]], written: asyncio.Future[None]) -> None:
+                if written.exception():
+                    return
                 for cid, off, ln in group:
                     self.vol.partial.setdefault(cid, (shared, off, ln))
 
+            def read_wave(ids: dict[str, int]) -> dict[str, bytes]:
+                return {c: d for c, n in ids.items() if (d := read_local(c, n, locs_all))}
+
             for group in waves[start:] + waves[:start]:
                 ids = {cid: ln for cid, _, ln in group}
-                local = await asyncio.to_thread(
-                    lambda ids=ids: {c: d for c, n in ids.items() if (d := read_local(c, n, locs_all))})
+                local = await asyncio.to_thread(read_wave, ids)
                 missing = [c for c in ids if c not in local]
                 data = dict(local)
                 metrics.bytes_reused.inc(sum(len(d) for d in local.values()))
@@ -237,7 +242,7 @@ class Committer(Stage):
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(asyncio.to_thread(write, group, data))
-                writing.add_done_callback(lambda f, g=group: published(g) if not f.exception() else None)
+                writing.add_done_callback(functools.partial(published, group))
             if writing is not None:
                 await writing
                 writing = None

@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import localfs, metrics
@@ -182,14 +183,16 @@ class Scanner(Stage):
         while todo:
             recs.update(self.state.files_for(self.name, todo))
 
+            def ignored_under(top: str) -> Callable[[str, bool], bool]:
+                return lambda rel, is_dir: self.vol.ignored(f"{top}/{rel}", is_dir)
+
             def look(todo: set[str] = todo) -> tuple[dict[str, FileStat | None], set[str]]:
                 st = {p: localfs.lstat(self.root, p) for p in todo}
                 found: set[str] = set()
                 for p, fs in st.items():
                     rec = recs.get(p)
                     if fs is not None and fs.kind == "dir" and (rec is None or rec.kind != "dir"):
-                        for rel, _ in localfs.walk(os.path.join(self.root, p),
-                                                   lambda r, d, p=p: self.vol.ignored(f"{p}/{r}", d)):
+                        for rel, _ in localfs.walk(os.path.join(self.root, p), ignored_under(p)):
                             found.add(f"{p}/{rel}")
                             if len(found) >= EXPAND_MAX:
                                 # A big tree moved in: the streamed rescan publishes the rest in
