@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -42,8 +43,25 @@ from .volumes import VolumeManager
 log = logging.getLogger(__name__)
 
 EXIT_CONFLICT = 2
+ETCD_PLAIN_WARNING = ("etcd endpoint(s) {} over plain HTTP on the network: manifests, files of at most 4 KiB and "
+                      "the public PKI records travel in clear (use https:// endpoints)")
 PLAIN_WARNING = ("security.tls_enabled is false: peers are not authenticated and volume data, manifests and tokens "
                  "travel in clear over plain HTTP")
+
+
+def plain_etcd(endpoints: list[str]) -> list[str]:
+    """The etcd endpoints reached in clear over the network (loopback is not the network)."""
+    out = []
+    for ep in endpoints:
+        u = urlsplit(ep if "://" in ep else f"http://{ep}")
+        if u.scheme != "https" and u.hostname not in ("localhost", None):
+            try:
+                if ipaddress.ip_address(u.hostname).is_loopback:
+                    continue
+            except ValueError:
+                pass
+            out.append(ep)
+    return out
 
 
 class _ChunkSource:
@@ -321,6 +339,9 @@ class Daemon:
         await self.manager.resume_held()
         await self.manager.republish_mounts()
         log.info("connected to etcd %s as node %s", ", ".join(self.etcd_endpoints), self.cfg.node_id)
+        clear = self._etcd_in_clear()
+        if clear:
+            log.warning("%s", ETCD_PLAIN_WARNING.format(", ".join(clear)))
 
     async def _monitor_etcd(self) -> None:
         while True:
@@ -403,6 +424,11 @@ class Daemon:
         return got
 
     # ---- health
+    def _etcd_in_clear(self) -> list[str]:
+        if self.cfg.etcd.tls_ca_file or self.cfg.etcd.tls_cert_file:
+            return []  # TLS to etcd whatever the endpoints' scheme (meta.EtcdStore._tls_material)
+        return plain_etcd(self.etcd_endpoints)
+
     def health(self) -> dict[str, dict[str, Any]]:
         comps: dict[str, dict[str, Any]] = {
             "plugin_socket": {"ok": self.plugin_listening and os.path.exists(self.cfg.plugin.socket),
@@ -423,6 +449,9 @@ class Daemon:
             f"; offline: {', '.join(r['offline'])}" if r["offline"] else "")
             for n, r in self.ops.replicas.items() if r["degraded"]}
         comps["replicas"] = {"ok": True, "degraded": short}
+        clear = self._etcd_in_clear()
+        if clear:
+            comps["etcd"]["warning"] = ETCD_PLAIN_WARNING.format(", ".join(clear))
         if self.pki is not None:
             comps["tls"] = self.pki.health()
         elif self.cfg.tls_mode == "files":
