@@ -149,7 +149,9 @@ def make_middleware(
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = peer_certificate(request) if auto is not None else None
-        if peer is not None and auto is not None and str(peer.get("serialNumber", "")).upper() in auto.revoked():
+        # ssl spells the serial in upper-case hex padded to whole bytes; pki.serial_hex has no leading zero
+        if peer is not None and auto is not None and (
+                str(peer.get("serialNumber", "")).upper().lstrip("0") in auto.revoked()):
             metrics.rejected_input.labels("auth").inc()
             _log_refusal(request, "revoked client certificate")
             raise _json_error(web.HTTPForbidden, "this client certificate has been revoked", Connection="close")

@@ -204,6 +204,14 @@ def test_three_nodes_forget_and_client_cert_required(secure, volume, tmp_path):
     # n3 leaves for good: its certificate is kept (a disk that is not wiped), the node forgotten
     n3_cert = copy_identity(n3, tmp_path / "n3-copy")
     assert not refused(n1.port, trust, *n3_cert)
+    # a connection n3's certificate opened before the revocation, kept alive
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=trust)
+    ctx.load_cert_chain(*n3_cert)
+    kept = http.client.HTTPSConnection("127.0.0.1", n1.port, timeout=10, context=ctx)
+    kept.request("GET", "/api/v1/volumes")
+    assert kept.getresponse().read() and kept.sock is not None
     n3.stop()
     wait_for(lambda: "n3" not in {x["node_id"] for x in n1.http("GET", "/api/v1/cluster/nodes")[1]["nodes"]}, 20,
              what="n3 to leave")
@@ -212,6 +220,12 @@ def test_three_nodes_forget_and_client_cert_required(secure, volume, tmp_path):
     assert "certificate(s) revoked" in out.stdout, out.stdout
     for n in (n1, n2):
         wait_for(lambda n=n: refused(n.port, trust, *n3_cert), 10, what=f"{n.name} to refuse n3's certificate")
+    sock = kept.sock
+    kept.request("GET", "/api/v1/volumes")  # the same connection: refused now, and closed
+    assert kept.sock is sock
+    resp = kept.getresponse()
+    assert resp.status == 403 and b"revoked" in resp.read() and resp.getheader("Connection") == "close"
+    kept.close()
     assert request(n1, "GET", "/api/v1/volumes", cert=files_of(n2)[:2])[0] == 200  # members unaffected
     st = pki_status(n2)
     assert st["cas"][0]["crl_number"] >= 2 and "n3" not in st["nodes"]
