@@ -234,7 +234,15 @@ def _stat_at(dfd: int, name: str) -> FileStat | None:
         return None
 
 
-def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None) -> tuple[FileStat, int]:
+def _keep_version(dfd: int, name: str, keep_as: str) -> None:
+    """Hard-link the file about to be replaced or deleted into the version store (same file system:
+    no copy). Best effort: a failure only means this version is not kept."""
+    if keep_as:
+        with contextlib.suppress(OSError):
+            os.link(name, keep_as, src_dir_fd=dfd, follow_symlinks=False)
+
+
+def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None, keep_as: str = "") -> tuple[FileStat, int]:
     """Move the staged temp file onto the target, unless the target is no longer what the caller saw
     (`expect`, None for absent): then raise TargetChanged.
 
@@ -242,6 +250,7 @@ def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None) -> tuple[FileS
     a new target is created with a no-replace rename, and the file being replaced is held open, so a
     write that lands in it during the swap is noticed (its size or mtime moved). Returns the new
     file's stat and, in that case, an fd of the replaced file for `save_displaced` (else -1).
+    `keep_as`: where the replaced file is kept (the volume's version store), when versioning is on.
     Closes `dfd`; on TargetChanged the temp file is removed."""
     name = rel.rsplit("/", 1)[-1]
     old_fd = -1
@@ -262,6 +271,8 @@ def commit(dfd: int, tmp: str, rel: str, expect: FileStat | None) -> tuple[FileS
             before = _stat_at(dfd, name)
         if before != expect:
             raise TargetChanged(before)
+        if expect.kind == "file":
+            _keep_version(dfd, name, keep_as)
         try:
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except IsADirectoryError:
@@ -394,8 +405,9 @@ def set_attrs(root: str, rel: str, m: Manifest) -> FileStat | None:
         os.close(dfd)
 
 
-def remove(root: str, rel: str) -> bool:
-    """Delete a file, symlink or empty directory; False if a directory still has content."""
+def remove(root: str, rel: str, keep_as: str = "") -> bool:
+    """Delete a file, symlink or empty directory; False if a directory still has content. A regular
+    file is first kept as `keep_as` (the volume's version store) when that is given."""
     try:
         dfd = open_parent_dir(root, rel, create=False)
     except (FileNotFoundError, NotADirectoryError):
@@ -419,6 +431,8 @@ def remove(root: str, rel: str) -> bool:
                     return False
                 raise
         else:
+            if st_mod.S_ISREG(s.st_mode):
+                _keep_version(dfd, name, keep_as)
             os.unlink(name, dir_fd=dfd)
         return True
     except FileNotFoundError:
@@ -515,3 +529,37 @@ def read_blob_range(base: str, blob_id: str, offset: int, length: int) -> bytes 
         return None
     return data if len(data) == length else None
 
+
+
+def restore_copy(root: str, rel: str, src: str) -> FileStat:
+    """Write a kept version (`src`, in the version store) back to `rel` as a new file: copied (the
+    kept version must stay as it is), flushed, renamed into place; its mode kept, its time now."""
+    dfd = open_parent_dir(root, rel, create=True)
+    name = rel.rsplit("/", 1)[-1]
+    tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+    try:
+        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(sfd).st_mode & 0o7777
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                while os.copy_file_range(sfd, fd, 1 << 30):  # in the kernel; reflinks where the fs can
+                    pass
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(sfd)
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except IsADirectoryError:
+            _remove_tree_at(dfd, name)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return FileStat.of(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    finally:
+        os.close(dfd)

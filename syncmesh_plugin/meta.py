@@ -2,9 +2,11 @@
 builds or parses its keys. Callers get typed records (node records, holders, applied progress,
 tombstones), never keys to split or values to search.
 
-It covers the three gaps of etcd3aio: endpoints must be IP literals (host names are resolved here),
-a watch from a compacted revision hangs instead of raising (the cancel is detected and raised as
-`CompactedError`), and there is no mod_revision compare helper (`_cmp_mod`).
+It covers the gaps of etcd3aio: endpoints must be IP literals and one member that stops answering
+fails requests (etcd_client.py keeps a channel per endpoint, resolves host names and fails over within
+each request's timeout), a watch from a compacted revision hangs instead of raising (the cancel is
+detected and raised as `CompactedError`), and there is no mod_revision compare helper (`_cmp_mod`).
+A compare-and-swap whose answer was lost is checked against the keys before anything is sent again.
 """
 
 from __future__ import annotations
@@ -13,20 +15,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
-from urllib.parse import urlsplit
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp
-from etcd3aio.errors import EtcdUnauthenticatedError
 
 from .config import EtcdConfig
+from .etcd_client import ATTEMPT, AnswerLost, EtcdConnection, StreamMoved
 from .keyspace import Keyspace
 from .manifest import ManifestError, decode
 
@@ -64,10 +64,9 @@ class BacklogTooLarge(ResyncRequired):
 
 
 class WatchInterrupted(EtcdUnavailable):
-    """The watch stream broke and etcd3aio reconnected on its own, resuming from the last header
-    revision + 1: while history is being replayed that revision is the store's current one, ahead
-    of the events delivered, so the resumed stream would skip changes. The caller re-watches from
-    the revision it has really applied."""
+    """The watch stream broke, or its endpoint was left for another member: the caller re-watches from
+    the revision it has really applied (never from the stream's last header revision + 1, which runs
+    ahead of the events delivered while history is being replayed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,24 +130,6 @@ def tombstone_time(raw: bytes) -> float | None:
         return None
 
 
-async def resolve_endpoints(endpoints: Sequence[str]) -> list[str]:
-    """Turn URLs or host:port strings into `ipv4:port` literals, as etcd3aio requires."""
-    loop = asyncio.get_running_loop()
-    out: list[str] = []
-    for ep in endpoints:
-        u = urlsplit(ep if "://" in ep else f"http://{ep}")
-        host, port = u.hostname, u.port or 2379
-        if not host:
-            raise EtcdUnavailable(f"bad etcd endpoint {ep!r}")
-        try:
-            infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise EtcdUnavailable(f"cannot resolve etcd endpoint {ep!r}: {exc}") from None
-        addr = infos[0][4][0]
-        out.append(f"{addr}:{port}")
-    return out
-
-
 def _cmp_mod(key: bytes, mod_revision: int) -> Compare:
     """mod_revision(key) == rev; rev 0 means "the key does not exist"."""
     return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=mod_revision)
@@ -194,11 +175,9 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self.keys = Keyspace(cfg.prefix)
         self.timeout = float(cfg.timeout)
-        self._client: Etcd3Client | None = None
-        self._refresher: Any = None
-        self._reauth_lock: asyncio.Lock | None = None
-        self._reauth_at = 0.0
+        self._conn: EtcdConnection | None = None
         self.request_hook: Callable[[str, float, bool], None] | None = None  # metrics: (op, seconds, ok)
+        self.failover_hook: Callable[[str, str, str], None] | None = None  # metrics: (from, to, reason)
 
     # ---- keys: callers read paths and names back through these (lease-bound keys: self.keys)
     def path_of(self, volume: str, key: bytes) -> str:
@@ -207,31 +186,39 @@ class EtcdStore:
 
     # ---- lifecycle
     async def connect(self) -> None:
-        """Open the channel and check that etcd answers; raise EtcdUnavailable otherwise."""
-        resolved = await resolve_endpoints(self.endpoints)
-        tls = self._tls_material()
-        first = self.endpoints[0] if "://" in self.endpoints[0] else f"https://{self.endpoints[0]}"
-        server_name = self.cfg.tls_server_name or (urlsplit(first).hostname if tls else None)
-        client = Etcd3Client(resolved, tls_server_name=server_name or None, rpc_max_attempts=2,
-                             watch_max_reconnect_backoff_seconds=2.0, **tls)
-        # gRPC's default reconnect backoff grows to 120 s: after an etcd restart we would sit idle for
-        # minutes. Reconnect within a couple of seconds instead.
-        client._manager.grpc_options.extend([
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-            # Watch responses replaying a backlog can be large; past this, BacklogTooLarge -> range read.
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
-        await client.connect()
-        self._client = client
+        """Open a channel per endpoint and check that etcd answers (on any of them); raise EtcdUnavailable
+        otherwise. Every member's health is probed from then on."""
+        conn = EtcdConnection(self.endpoints, tls=self._tls_material(), server_name=self.cfg.tls_server_name,
+                              username=self.cfg.username, password=str(self.cfg.password), timeout=self.timeout)
+        conn.failover_hook = self.failover_hook
+        self._conn = conn
         try:
-            if self.cfg.username:
-                self._refresher = client.token_refresher(self.cfg.username, str(self.cfg.password))
-                await asyncio.wait_for(self._refresher.__aenter__(), self.timeout)
-            ping = _connected(client.kv).get(self.keys.ping_key(), timeout=self.timeout)
-            await asyncio.wait_for(ping, self.timeout + 1)
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            await self.ping()
+        except EtcdUnavailable as exc:
             await self.close()
-            raise _wrap(exc, f"connect to {', '.join(self.endpoints)}") from None
+            detail = str(exc).split(" failed: ", 1)[-1]
+            raise EtcdUnavailable(f"etcd connect to {', '.join(self.endpoints)} failed: {detail}") from None
+        conn.start_probes()
+
+    @property
+    def connection(self) -> EtcdConnection:
+        if self._conn is None:
+            raise EtcdUnavailable("etcd is not connected")
+        return self._conn
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Talk to these endpoints from now on (an embedded cluster's members, as it grows and shrinks)."""
+        self.endpoints = list(endpoints)
+        if self._conn is not None:
+            self._conn.set_endpoints(self.endpoints)
+
+    def endpoint_health(self) -> dict[str, Any]:
+        """Which endpoint this node talks to, and every endpoint's last probe (no request is made)."""
+        conn = self._conn
+        if conn is None:
+            return {"current": "", "endpoints": [], "failovers": 0, "last_failover": {}}
+        return {"current": conn.current.url, "endpoints": conn.report(), "failovers": conn.failovers,
+                "last_failover": conn.last_failover}
 
     def _tls_material(self) -> _TLS:
         """TLS when a CA is given, an https:// endpoint is used or a client certificate is configured
@@ -260,20 +247,20 @@ class EtcdStore:
         return tls
 
     async def close(self) -> None:
-        if self._refresher is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             with contextlib.suppress(Exception):
-                await self._refresher.__aexit__(None, None, None)
-            self._refresher = None
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.close()
-            self._client = None
+                await conn.close()
 
     @property
     def client(self) -> Etcd3Client:
-        if self._client is None:
+        """The client of the endpoint the running request's attempt goes to (else the current one)."""
+        client = ATTEMPT.get()
+        if client is not None:
+            return client
+        if self._conn is None or self._conn.current.client is None:
             raise EtcdUnavailable("etcd is not connected")
-        return self._client
+        return self._conn.current.client
 
     @property
     def _kv(self) -> KVService:
@@ -295,45 +282,44 @@ class EtcdStore:
     def _cluster(self) -> ClusterService:
         return _connected(self.client.cluster)
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]], *, timeout: float | None = None,
+                    once: bool = False) -> Any:
+        """One request, failing over between endpoints within `timeout` (etcd.timeout by default). With
+        `once`, a change whose answer was lost raises AnswerLost instead of being sent again."""
         t0 = time.monotonic()
         ok = False
         try:
-            try:
-                res = await fn()
-            except EtcdUnauthenticatedError:
-                # etcd forgets simple tokens when it restarts: authenticate again once, then retry.
-                if not self.cfg.username or not await self._reauthenticate():
-                    raise
-                res = await fn()
+            res = await self.connection.call(what, fn, timeout=timeout, once=once)
             ok = True
             return res
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             raise _wrap(exc, what) from None
         finally:
             if self.request_hook is not None:
                 self.request_hook(what, time.monotonic() - t0, ok)
 
-    async def _reauthenticate(self) -> bool:
-        """Get a fresh token once for all the calls that just failed together; True if we hold one."""
-        if self._reauth_lock is None:
-            self._reauth_lock = asyncio.Lock()
-        tried_at = time.monotonic()
-        async with self._reauth_lock:
-            if self._reauth_at >= tried_at:
-                return True  # another call authenticated while we waited
-            client = self.client
-            client.set_token(None)  # etcd rejects Authenticate itself when it carries a stale token
-            try:
-                resp = await _connected(client.auth).authenticate(self.cfg.username, str(self.cfg.password),
-                                                                  timeout=self.timeout)
-            except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-                log.warning("etcd re-authentication as %s failed: %s", self.cfg.username, type(exc).__name__)
-                return False
-            client.set_token(resp.token)
-            self._reauth_at = time.monotonic()
-            log.info("re-authenticated to etcd as %s", self.cfg.username)
-            return True
+    async def _current_values(self, keys: Sequence[bytes], deadline: float) -> list[KV | None]:
+        """The keys as etcd holds them now, in one read-only transaction (one revision)."""
+        from etcd3aio.kv import KVService
+
+        ops = [KVService.txn_op_get(k) for k in keys]
+        resp = await self._call("txn", lambda: self._kv.txn([], ops, timeout=self.timeout),
+                                timeout=max(0.5, deadline - time.monotonic()))
+        out: list[KV | None] = []
+        for r in resp.responses:
+            kvs = r.response_range.kvs
+            out.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None)
+        return out
+
+    async def _changed_by_us(self, items: Sequence[tuple[bytes, bytes, int]], deadline: float) -> int:
+        """After a lost answer: the revision at which our transaction was applied (every key holds our value,
+        all written at one revision after its base), else 0."""
+        current = await self._current_values([k for k, _, _ in items], deadline)
+        revs = {kv.mod_revision for kv in current if kv is not None}
+        if len(revs) == 1 and all(kv is not None and kv.value == v and kv.mod_revision > base
+                                  for kv, (_, v, base) in zip(current, items, strict=True)):
+            return revs.pop()
+        return 0
 
     # ---- basic operations
     async def ping(self) -> None:
@@ -355,7 +341,7 @@ class EtcdStore:
         Returns (revision, async iterator of pages)."""
         end = prefix_range_end(prefix)
         first = await self._call("range", lambda: self._kv.get(
-            prefix, end, revision=revision, limit=page, timeout=self.timeout * 4))
+            prefix, end, revision=revision, limit=page, timeout=self.timeout * 4), timeout=self.timeout * 4)
         rev = first.header.revision if revision == 0 else revision
 
         async def pages() -> AsyncIterator[list[KV]]:
@@ -371,7 +357,7 @@ class EtcdStore:
                 def next_page(s: bytes = start) -> Awaitable[Any]:
                     return self._kv.get(s, end, revision=rev, limit=page, timeout=self.timeout * 4)
 
-                resp = await self._call("range", next_page)
+                resp = await self._call("range", next_page, timeout=self.timeout * 4)
 
         return rev, pages()
 
@@ -387,18 +373,28 @@ class EtcdStore:
         return int(resp.header.revision)
 
     async def put_if_absent(self, key: bytes, value: bytes) -> tuple[bool, KV | None]:
-        """Create the key unless it exists; returns (created, existing kv)."""
-        kv = self._kv
-        resp = await self._call("txn", lambda: kv.txn(
-            [kv.txn_compare_create_revision(key, 0)], [kv.txn_op_put(key, value)], [kv.txn_op_get(key)],
-            timeout=self.timeout))
-        if resp.succeeded:
-            return True, None
-        rng = resp.responses[0].response_range
-        if rng.kvs:
-            k = rng.kvs[0]
-            return False, KV(k.key, k.value, k.mod_revision, k.create_revision)
-        return False, None
+        """Create the key unless it exists; returns (created, existing kv). A creation whose answer was
+        lost is told from another node's by the value (ours carries its own creation time)."""
+        deadline = time.monotonic() + self.timeout
+        lost = False
+        while True:
+            try:
+                resp = await self._call("txn", lambda: self._kv.txn(
+                    [self._kv.txn_compare_create_revision(key, 0)], [self._kv.txn_op_put(key, value)],
+                    [self._kv.txn_op_get(key)], timeout=self.timeout),
+                    timeout=max(0.5, deadline - time.monotonic()), once=True)
+            except AnswerLost:
+                lost = True
+                continue  # its compare (create_revision 0) keeps a second send from applying twice
+            if resp.succeeded:
+                return True, None
+            rng = resp.responses[0].response_range
+            if rng.kvs:
+                k = rng.kvs[0]
+                if lost and k.value == value:
+                    return True, None  # the first send was applied; its answer was lost
+                return False, KV(k.key, k.value, k.mod_revision, k.create_revision)
+            return False, None
 
     async def cas_put_many(self, items: Sequence[tuple[bytes, bytes, int]],
                            mark: bytes | None = None) -> tuple[bool, int]:
@@ -408,20 +404,38 @@ class EtcdStore:
         Returns (succeeded, revision). At most MAX_TXN_OPS items."""
         if len(items) + (mark is not None) > ETCD_MAX_TXN_OPS:
             raise ValueError("too many operations for one etcd transaction")
-        kv = self._kv
         compares = [_cmp_mod(k, base) for k, _, base in items]
         ops = [_op_put(k, v) for k, v, _ in items]
         if mark is not None:
             ops.append(_op_put(mark, b""))
-        resp = await self._call("txn", lambda: kv.txn(compares, ops, timeout=self.timeout))
-        return bool(resp.succeeded), int(resp.header.revision)
+        deadline = time.monotonic() + self.timeout
+        lost = False
+        while True:
+            try:
+                resp = await self._call("txn", lambda: self._kv.txn(compares, ops, timeout=self.timeout),
+                                        timeout=max(0.5, deadline - time.monotonic()), once=True)
+            except AnswerLost as exc:
+                # It may have been applied: never send it blindly again. Our values at one revision => it was.
+                log.info("etcd: the answer to a transaction of %d key(s) was lost (%s); checking the keys",
+                         len(items), exc)
+                lost = True
+                rev = await self._changed_by_us(items, deadline)
+                if rev:
+                    return True, rev
+                continue  # not applied (yet): send again, its compares keep it from applying twice
+            if not resp.succeeded and lost:
+                # The first send may have been applied after our check, making this one's compares fail.
+                rev = await self._changed_by_us(items, deadline)
+                if rev:
+                    return True, rev
+            return bool(resp.succeeded), int(resp.header.revision)
 
     async def delete(self, key: bytes) -> None:
         await self._call("delete", lambda: self._kv.delete(key, timeout=self.timeout))
 
     async def delete_prefix(self, prefix: bytes) -> int:
         resp = await self._call("delete", lambda: self._kv.delete(
-            prefix, prefix_range_end(prefix), timeout=self.timeout * 4))
+            prefix, prefix_range_end(prefix), timeout=self.timeout * 4), timeout=self.timeout * 4)
         return int(resp.deleted)
 
     async def count_prefix(self, prefix: bytes) -> int:
@@ -441,20 +455,29 @@ class EtcdStore:
         prefix = self.keys.files_prefix(volume)
         resp = await self._call("range", lambda: self._kv.get(
             prefix, prefix_range_end(prefix), limit=1, sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
-            keys_only=True, timeout=self.timeout * 12))
+            keys_only=True, timeout=self.timeout * 12), timeout=self.timeout * 12)
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
     async def delete_if_unchanged(self, items: Sequence[tuple[bytes, int]], *,
                                   fence: tuple[bytes, int] | None = None) -> bool:
         """Delete keys only if each still has the given mod_revision (and, with a fence, only while
         the fence key still has that create_revision: a leader that lost its lease deletes nothing)."""
-        kv = self._kv
+        from etcd3aio.kv import KVService
+
         compares = [_cmp_mod(k, rev) for k, rev in items]
         if fence is not None:
-            compares.append(kv.txn_compare_create_revision(fence[0], fence[1]))
-        ops = [kv.txn_op_delete(k) for k, _ in items]
-        resp = await self._call("txn", lambda: kv.txn(compares, ops, timeout=self.timeout))
-        return bool(resp.succeeded)
+            compares.append(KVService.txn_compare_create_revision(fence[0], fence[1]))
+        ops = [KVService.txn_op_delete(k) for k, _ in items]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                resp = await self._call("txn", lambda: self._kv.txn(compares, ops, timeout=self.timeout),
+                                        timeout=max(0.5, deadline - time.monotonic()), once=True)
+                return bool(resp.succeeded)
+            except AnswerLost:
+                # Applied if every key is gone; otherwise sending again is safe (its compares guard it).
+                if all(kv is None for kv in await self._current_values([k for k, _ in items], deadline)):
+                    return True
 
     async def status(self) -> dict[str, int]:
         """Database size of the member we talk to (for defragmentation decisions and the quota)."""
@@ -469,12 +492,56 @@ class EtcdStore:
         with contextlib.suppress(EtcdUnavailable):
             st = await self._call("status", lambda: self._maintenance.status(timeout=self.timeout))
             leader = int(st.leader)
-        return {"leader": f"{leader:x}" if leader else "", "members": [
-            {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
-             "learner": bool(m.isLearner), "leader": m.ID == leader} for m in resp.members]}
+        probes = self.endpoint_health()
+        by_id = {e["member_id"]: e for e in probes["endpoints"] if e["member_id"]}
+        members = []
+        for m in resp.members:
+            ep = by_id.get(f"{m.ID:x}")
+            members.append({
+                "id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
+                "learner": bool(m.isLearner), "leader": m.ID == leader,
+                # what this node's probes of the member say (None: not one of the endpoints it was given)
+                "healthy": ep["healthy"] if ep else None, "endpoint": ep["endpoint"] if ep else "",
+                "current": bool(ep and ep["current"]), "rtt_ms": ep["rtt_ms"] if ep else None,
+                "error": ep["error"] if ep else ""})
+        return {"leader": f"{leader:x}" if leader else "", "members": members, "endpoint": probes["current"],
+                "endpoints": probes["endpoints"], "failovers": probes["failovers"],
+                "last_failover": probes["last_failover"]}
+
+    async def member_add(self, peer_urls: list[str]) -> tuple[int, list[dict[str, Any]]]:
+        """Add a voting member (its peer URLs) through the member API; returns (its id, every member as
+        {id, name, peer_urls, client_urls}). A member with these peer URLs already there is returned as is
+        (an add whose answer was lost, or a joiner asking again)."""
+        existing = await self.member_list()
+        for m in existing:
+            if set(m["peer_urls"]) & set(peer_urls):
+                return int(m["id"], 16), existing
+        try:
+            resp = await self._call("member_add", lambda: self._cluster.member_add(peer_urls, timeout=self.timeout),
+                                    once=True)
+        except AnswerLost:
+            for m in await self.member_list():
+                if set(m["peer_urls"]) & set(peer_urls):
+                    return int(m["id"], 16), await self.member_list()
+            raise EtcdUnavailable("etcd member_add failed: its answer was lost and the member is not there") from None
+        return int(resp.member.ID), [_member(m) for m in resp.members]
+
+    async def member_list(self) -> list[dict[str, Any]]:
+        resp = await self._call("member_list", lambda: self._cluster.member_list(timeout=self.timeout))
+        return [_member(m) for m in resp.members]
+
+    async def member_remove(self, member_id: int) -> bool:
+        """Remove a member through the member API; False if it was not a member (any more)."""
+        try:
+            await self._call("member_remove", lambda: self._cluster.member_remove(member_id, timeout=self.timeout))
+        except EtcdUnavailable as exc:
+            if "member not found" in str(exc):
+                return False
+            raise
+        return True
 
     async def defragment(self) -> None:
-        await self._call("defragment", lambda: self._maintenance.defragment(timeout=120))
+        await self._call("defragment", lambda: self._maintenance.defragment(timeout=120), timeout=120)
 
     async def alarms(self) -> list[str]:
         """Active etcd alarms (NOSPACE: the database hit its quota and refuses writes)."""
@@ -483,7 +550,7 @@ class EtcdStore:
         return [names.get(int(a.alarm), str(a.alarm)) for a in resp.alarms]
 
     async def compact(self, revision: int) -> None:
-        await self._call("compact", lambda: self._kv.compact(revision, physical=True, timeout=30))
+        await self._call("compact", lambda: self._kv.compact(revision, physical=True, timeout=30), timeout=30)
 
     async def current_revision(self) -> int:
         resp = await self._call("get", lambda: self._kv.get(self.keys.rev_key(), timeout=self.timeout))
@@ -507,6 +574,11 @@ class EtcdStore:
 
     async def get_volume(self, name: str) -> KV | None:
         return await self.get(self.keys.volume_key(name))
+
+    async def replace_volume(self, name: str, value: bytes, base_revision: int) -> bool:
+        """A volume record changed (options changed later), iff nobody changed it since `base_revision`."""
+        ok, _ = await self.cas_put_many([(self.keys.volume_key(name), value, base_revision)])
+        return ok
 
     async def volume_records(self) -> tuple[int, list[tuple[str, KV]]]:
         """(revision, [(name, kv)]) of the whole volume registry (volumes/)."""
@@ -721,29 +793,26 @@ class EtcdStore:
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(EtcdUnavailable):
-            await self._call("lease", lambda: self._lease.revoke(lease_id, timeout=2))
+            await self._call("lease", lambda: self._lease.revoke(lease_id, timeout=2), timeout=2)
 
     # ---- watch
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
         """Watch a prefix from a revision; raises CompactedError when that history is gone.
 
-        Transient disconnects are retried by etcd3aio (it resumes at the last revision + 1). etcd3aio
-        yields a response with compact_revision set and then hangs: that is detected here."""
-        it = self._watch.watch(prefix, prefix_range_end(prefix), start_revision=start_revision,
-                               progress_notify=True)
-        streams = 0
+        The stream is on the endpoint current when it starts; when that endpoint fails (or the node moves
+        to another one) WatchInterrupted is raised and the caller watches again from the revision it has
+        applied, on the member it talks to then. etcd3aio's own reconnecting loop is not used: it resumes
+        from the last header revision + 1, which runs ahead of the history still being replayed."""
+        conn = self.connection
+        it = conn.watch(prefix, prefix_range_end(prefix), start_revision)
         try:
             async for resp in it:
                 if resp.compact_revision > 0:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
                     raise EtcdUnavailable(f"etcd cancelled the watch on {prefix!r}: {resp.cancel_reason}")
-                if resp.created:
-                    streams += 1
-                    if streams > 1:  # etcd3aio reconnected by itself, possibly past unseen history
-                        raise WatchInterrupted(f"the watch on {prefix!r} was interrupted and reconnected")
-                    if not resp.events:
-                        continue  # its header revision runs ahead of the history still to be replayed
+                if resp.created and not resp.events:
+                    continue  # its header revision runs ahead of the history still to be replayed
                 events = [
                     WatchEvent(ev.kv.key, ev.kv.value if ev.type == 0 else None, int(ev.kv.mod_revision))
                     for ev in resp.events
@@ -752,6 +821,8 @@ class EtcdStore:
                 # response carries: only the events' own revisions say how far we really are.
                 rev = max(e.mod_revision for e in events) if events else int(resp.header.revision)
                 yield WatchBatch(events, rev)
+        except StreamMoved as exc:
+            raise WatchInterrupted(f"{exc}; the watch on {prefix!r} resumes on {conn.current.url}") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # Catching up on a long backlog: etcd sends up to 1000 revisions per response, and ours
@@ -760,8 +831,12 @@ class EtcdStore:
             raise _wrap(exc, "watch") from None
         finally:
             with contextlib.suppress(Exception):
-                # etcd3aio annotates its watch, an async generator, as returning AsyncIterator (no aclose)
                 await it.aclose()  # type: ignore[attr-defined]
+
+
+def _member(m: Any) -> dict[str, Any]:
+    return {"id": f"{m.ID:x}", "name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
+            "learner": bool(m.isLearner)}
 
 
 def dumps(obj: Any) -> bytes:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .sync.versions import Version
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
     name TEXT PRIMARY KEY, record TEXT NOT NULL, mod_revision INTEGER NOT NULL DEFAULT 0);
@@ -36,6 +38,11 @@ CREATE TABLE IF NOT EXISTS chunks (
     length INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_id ON chunks (chunk_id);
 CREATE INDEX IF NOT EXISTS chunks_by_path ON chunks (volume, path);
+CREATE TABLE IF NOT EXISTS versions (
+    volume TEXT NOT NULL, id TEXT NOT NULL, path TEXT NOT NULL, at REAL NOT NULL, size INTEGER NOT NULL,
+    digest TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT 'replaced', origin TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (volume, id));
+CREATE INDEX IF NOT EXISTS versions_by_path ON versions (volume, path, at);
 CREATE TABLE IF NOT EXISTS conflicts (
     volume TEXT NOT NULL, path TEXT NOT NULL, copy TEXT NOT NULL, mode TEXT NOT NULL,
     winner TEXT NOT NULL, loser TEXT NOT NULL, at REAL NOT NULL);
@@ -322,6 +329,31 @@ class LocalState:
         row = self.db.execute("SELECT count(*), coalesce(sum(size), 0), coalesce(sum(published = 0), 0) FROM files "
                               "WHERE volume=? AND kind != 'deleted'", (volume,)).fetchone()
         return {"files": int(row[0]), "bytes": int(row[1]), "unpublished": int(row[2])}
+
+    # ---- versions kept for undo (sync/versions.py)
+    def add_versions(self, volume: str, versions: Iterable[Version]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO versions (volume, id, path, at, size, digest, reason, origin) "
+                            "VALUES (?,?,?,?,?,?,?,?)",
+                            [(volume, v.id, v.path, v.at, v.size, v.digest, v.reason, v.origin) for v in versions])
+
+    def versions(self, volume: str, prefix: str = "") -> list[Version]:
+        """This node's kept versions of the volume (of `prefix`: that path and everything below it)."""
+        if prefix:
+            like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+            rows = self.db.execute("SELECT id, path, at, size, digest, reason, origin FROM versions WHERE volume=? "
+                                   "AND (path=? OR path LIKE ? ESCAPE '\\') ORDER BY at", (volume, prefix, like))
+        else:
+            rows = self.db.execute("SELECT id, path, at, size, digest, reason, origin FROM versions WHERE volume=? "
+                                   "ORDER BY at", (volume,))
+        return [Version(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def delete_versions(self, volume: str, ids: Iterable[str]) -> None:
+        self.db.executemany("DELETE FROM versions WHERE volume=? AND id=?", [(volume, i) for i in ids])
+
+    def version_stats(self, volume: str) -> tuple[int, int]:
+        row = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM versions WHERE volume=?",
+                              (volume,)).fetchone()
+        return int(row[0]), int(row[1])
 
     # ---- conflicts
     def add_conflict(self, volume: str, path: str, copy: str, mode: str, winner: str, loser: str, at: float) -> None:

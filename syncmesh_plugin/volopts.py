@@ -14,6 +14,8 @@ from typing import Any
 from .config import CONFLICT_MODES, MOUNT_TIMEOUT_MAX, Duration, _coerce
 from .placement import parse_replicas
 from .sync.roles import parse_writers
+from .sync.versions import MODES as VERSIONING_MODES
+from .sync.versions import parse_size
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_RULE = "volume names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at most 255 bytes"
@@ -43,6 +45,10 @@ class VolumeOptions:
     mount_partial: bool = False  # a first Mount may return before this node has the whole volume
     replicas: str = ""  # placement ahead of mounts: "all", a number, or "" (from the first Mount or Create)
     writers: tuple[str, ...] = ()  # the nodes whose changes the cluster takes (empty: every node)
+    versioning: str = "off"  # off | trash | simple | staggered: what each node keeps of replaced/deleted files
+    versions_keep: int = 5  # simple: versions kept per path
+    versioning_retention: float = 7 * 86400.0  # versions older than this go
+    versioning_max_bytes: int = 0  # per node; the oldest go first (0: no cap)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,6 +57,9 @@ class VolumeOptions:
         for later in ("mount_partial", "replicas", "writers"):  # options added later are stored only when set
             if not d[later]:
                 del d[later]
+        if self.versioning == "off":
+            for k in ("versioning", "versions_keep", "versioning_retention", "versioning_max_bytes"):
+                del d[k]
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -64,6 +73,10 @@ class VolumeOptions:
             mount_partial=bool(data.get("mount_partial", False)),
             replicas=str(data.get("replicas", "") or ""),
             writers=tuple(str(w) for w in data.get("writers", ()) or ()),
+            versioning=str(data.get("versioning", "off") or "off"),
+            versions_keep=int(data.get("versions_keep", 5)),
+            versioning_retention=float(data.get("versioning_retention", 7 * 86400.0)),
+            versioning_max_bytes=int(data.get("versioning_max_bytes", 0)),
         )
 
 
@@ -76,6 +89,10 @@ OPTION_HELP = {
     "mount_partial": "true|false",
     "replicas": "all, or a number of nodes that hold the volume ahead of any mount",
     "writers": "comma-separated node ids whose changes the cluster takes, e.g. host1,host2",
+    "versioning": "off|trash|simple|staggered",
+    "versions_keep": "a whole number from 1 (simple versioning: versions kept per path)",
+    "versioning_retention": "duration such as 7d",
+    "versioning_max_bytes": "bytes per node such as 10G (0: no cap)",
 }
 
 
@@ -110,6 +127,20 @@ def parse_options(opts: Any) -> VolumeOptions:
                 kwargs[key] = parse_replicas(value)
             elif key == "writers":
                 kwargs[key] = parse_writers(value)
+            elif key == "versioning":
+                if value not in VERSIONING_MODES:
+                    raise ValueError
+                kwargs[key] = value
+            elif key == "versions_keep":
+                kwargs[key] = int(value)
+                if not 1 <= kwargs[key] <= 10_000:
+                    raise ValueError
+            elif key == "versioning_retention":
+                kwargs[key] = float(_coerce(key, Duration, value, from_env=True))
+                if kwargs[key] <= 0:
+                    raise ValueError
+            elif key == "versioning_max_bytes":
+                kwargs[key] = parse_size(value)
             elif key == "ignore":
                 pats = tuple(p.strip() for p in value.split(",") if p.strip())
                 for p in pats:

@@ -15,7 +15,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -294,9 +295,56 @@ class VolumeManager:
             raise VolumeError(f"volume {name} is not held on this node ({self.node_id})")
         return vs
 
+    async def set_options(self, name: Any, changes: dict[str, str]) -> dict[str, Any]:
+        """Options that may change after Create (versioning): validated, written to the volume's record
+        by compare-and-swap, applied by every node from its registry watch."""
+        name = validate_name(name)
+        allowed = {"versioning", "versions_keep", "versioning_retention", "versioning_max_bytes"}
+        bad = sorted(set(changes) - allowed)
+        if bad or not changes:
+            raise VolumeError(f"options that can change after Create: {', '.join(sorted(allowed))}"
+                              + (f" (not {', '.join(bad)})" if bad else ""))
+        parse_options(changes)  # each value checked alone first: a clear error names it
+        store = await self._store_soon()
+        async with self._locks[name]:
+            for _ in range(5):
+                try:
+                    kv = await store.get_volume(name)
+                    if kv is None:
+                        raise VolumeError(f"no such volume: {name}")
+                    record = loads(kv.value)
+                    current = VolumeOptions.from_json(record.get("options", {}))
+                    merged = {k: v for k, v in current.to_json().items() if k in allowed}
+                    merged = {**{k: str(v) for k, v in merged.items()}, **changes}
+                    fresh = parse_options(merged)
+                    options = replace(current, versioning=fresh.versioning, versions_keep=fresh.versions_keep,
+                                      versioning_retention=fresh.versioning_retention,
+                                      versioning_max_bytes=fresh.versioning_max_bytes)
+                    record["options"] = options.to_json()
+                    if await store.replace_volume(name, dumps(record), kv.mod_revision):
+                        self._apply_record(name, record)
+                        log.info("volume %s: options changed: %s", name, changes, extra={"volume": name})
+                        return {"volume": name, "options": record["options"]}
+                except EtcdUnavailable as exc:
+                    raise ClusterUnavailable(str(exc)) from None
+        raise ClusterUnavailable(f"volume {name}: its record kept changing; try again")
+
+    def _apply_record(self, name: str, record: dict[str, Any]) -> None:
+        """A volume record read from etcd: the options that may change later reach the held replica."""
+        vs = self.engine.volumes.get(name)
+        if vs is not None:
+            vs.options = VolumeOptions.from_json(record.get("options", {}))
+
     async def revert(self, name: Any, path: str | None = None) -> dict[str, Any]:
         """Undo a receive-only replica's local changes (all, or one path)."""
         return dict(await self._held(name).revert(path))
+
+    async def restore(self, name: Any, ids: Sequence[str], to: str = "") -> dict[str, Any]:
+        """Kept versions of this node written back into the volume (published like any write)."""
+        try:
+            return dict(await self._held(name).restore(ids, to))
+        except ValueError as exc:
+            raise VolumeError(str(exc)) from None
 
     async def override(self, name: Any) -> dict[str, Any]:
         """Publish this node's whole state of the volume over the cluster's."""
@@ -446,7 +494,9 @@ class VolumeManager:
                                     await self._drop_local(name)
                         else:
                             with contextlib.suppress(ValueError):
-                                self.state.put_volume(name, loads(ev.value), ev.mod_revision)
+                                record = loads(ev.value)
+                                self.state.put_volume(name, record, ev.mod_revision)
+                                self._apply_record(name, record)
             except (ResyncRequired, WatchInterrupted):
                 continue  # re-read the registry, then watch on from there
 

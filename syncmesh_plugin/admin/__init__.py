@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import click
 
-from . import cluster, files, node, pki, volumes
+from . import cluster, files, node, pki, versions, volumes
 from .client import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEM, EXIT_UNREACHABLE, Client
 
 COMMANDS: list[click.Command] = [node.status, cluster.nodes, cluster.watch, cluster.forget, volumes.volumes,
                                  volumes.inspect, volumes.conflicts, volumes.resume, volumes.resync, volumes.hold,
                                  volumes.release, volumes.revert, volumes.override, files.files, files.verify,
-                                 pki.ca, pki.token]
+                                 versions.versions, versions.restore, versions.versioning, pki.ca, pki.token]
 
 __all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEM", "EXIT_UNREACHABLE", "Client"]

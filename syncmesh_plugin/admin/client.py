@@ -82,9 +82,12 @@ class Client:
     def for_node(self, url: str) -> Client:
         return Client(self.cfg, url, self.token, self.cacert)
 
-    def request(self, method: str, path: str, *, exit_on_error: bool = True) -> tuple[int, Any]:
-        req = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+    def request(self, method: str, path: str, *, exit_on_error: bool = True, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        req = urllib.request.Request(self.base + path, method=method, data=data)
         req.add_header("Accept", "application/json")
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
         sec = self.cfg.security
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -110,9 +113,9 @@ class Client:
     def get(self, path: str) -> tuple[int, Any]:
         return self.request("GET", path)
 
-    def must(self, method: str, path: str) -> Any:
+    def must(self, method: str, path: str, body: Any = None) -> Any:
         """The body of a successful call; otherwise print the node's error and exit 1."""
-        code, body = self.request(method, path)
+        code, body = self.request(method, path, body=body) if body is not None else self.request(method, path)
         if code != 200:
             msg = body.get("error", body) if isinstance(body, dict) else body
             click.echo(f"syncmesh-plugin: {msg} (HTTP {code})", err=True)

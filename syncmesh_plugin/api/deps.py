@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,6 +80,10 @@ class VolumeRegistry(Protocol):
     async def revert(self, name: str, path: str | None = None) -> dict[str, Any]: ...
 
     async def override(self, name: str) -> dict[str, Any]: ...
+
+    async def restore(self, name: str, ids: Sequence[str], to: str = "") -> dict[str, Any]: ...
+
+    async def set_options(self, name: str, changes: dict[str, str]) -> dict[str, Any]: ...
 
     async def release(self, name: str) -> dict[str, Any]: ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
-from ..pathsafe import PathError
+from ..pathsafe import PathError, validate_relpath
 from ..volopts import VolumeError
 from ..volumes import ClusterUnavailable
 from .common import ApiError, held, known, registry
@@ -135,3 +135,55 @@ async def override(request: web.Request) -> web.Response:
         return web.json_response(await registry(request).override(name))
     except VolumeError as exc:
         raise ApiError(409, str(exc)) from None
+
+
+@routes.get("/api/v1/volumes/{name}/versions")
+async def versions(request: web.Request) -> web.Response:
+    """The replaced and deleted versions this node keeps of the volume (`?prefix=`: a path or a tree)."""
+    name = request.match_info["name"]
+    known(request, name)
+    prefix = request.query.get("prefix", "").strip("/")
+    try:
+        if prefix:
+            validate_relpath(prefix)
+    except PathError as exc:
+        raise ApiError(400, str(exc)) from None
+    rows = request.app[INDEX]().versions(name, prefix)
+    return web.json_response({"volume": name, "node": request.app[NODE].node_id, "versions": [
+        {"id": v.id, "path": v.path, "at": v.at, "size": v.size, "digest": v.digest, "reason": v.reason,
+         "origin": v.origin} for v in rows]})
+
+
+@routes.post("/api/v1/volumes/{name}/restore")
+async def restore(request: web.Request) -> web.Response:
+    """Kept versions written back as new changes (body {"versions": [ids], "to": "new/path"}): every
+    node converges on them."""
+    name = request.match_info["name"]
+    held(request, name)
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, "the body must be JSON: {\"versions\": [ids], \"to\": \"path\"}") from None
+    ids = body.get("versions") if isinstance(body, dict) else None
+    to = body.get("to", "") if isinstance(body, dict) else ""
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or not isinstance(to, str):
+        raise ApiError(400, "the body must be JSON: {\"versions\": [ids], \"to\": \"path\"}")
+    try:
+        return web.json_response(await registry(request).restore(name, ids, to))
+    except (VolumeError, PathError) as exc:
+        raise ApiError(400, str(exc)) from None
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+
+
+@routes.post("/api/v1/volumes/{name}/options")
+async def set_options(request: web.Request) -> web.Response:
+    """Options that may change after Create (versioning), as query parameters; every node applies them."""
+    name = request.match_info["name"]
+    known(request, name)
+    try:
+        return web.json_response(await registry(request).set_options(name, dict(request.query)))
+    except VolumeError as exc:
+        raise ApiError(400, str(exc)) from None
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None

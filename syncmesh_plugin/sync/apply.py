@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from .guard import Entry
 from .pending import Pending, record_of
 from .roles import Role
 from .stage import Stage
+from .versions import Version
 
 if TYPE_CHECKING:
     pass
@@ -122,17 +124,24 @@ class Applier(Stage):
 
     def apply_deletes(self, deletes: list[Pending]) -> list[FileRecord]:
         recs = []
+        kept: list[Version] = []
         for it in deletes:
+            old = it.rec
+            vid, keep_as = self.vol.version_slot() if old is not None and old.kind == "file" else ("", "")
             try:
-                removed = localfs.remove(self.root, it.rel)
+                removed = localfs.remove(self.root, it.rel, keep_as)
             except (OSError, PathError) as exc:
                 self.reject(it, exc)
                 continue
+            if keep_as and old is not None and os.path.lexists(keep_as):
+                kept.append(Version(vid, it.rel, time.time(), old.size, old.digest, "deleted", it.m.origin))
             if not removed:
                 # A directory deleted elsewhere still holds local content: modify beats delete.
                 self.vol.on_loop(self.vol.dirty.add, it.rel)
             it.rec = record_of(self.name, it.rel, it.m, None, it.rev)
             recs.append(it.rec)
+        if kept:
+            self.vol.on_loop(self.vol.versions_kept, kept)
         self.vol.on_loop(self.vol.kick.set)
         return recs
 

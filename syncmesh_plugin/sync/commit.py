@@ -21,6 +21,7 @@ from .decide import superseded
 from .fetch import FetchError
 from .pending import Pending, record_of
 from .stage import Stage
+from .versions import Version
 
 if TYPE_CHECKING:
     pass
@@ -136,17 +137,27 @@ class Committer(Stage):
         raced: list[tuple[Pending, FileStat | None]] = []
         displaced: list[tuple[Pending, int]] = []
 
+        kept: list[Version] = []
+
         def rename_all() -> list[FileRecord]:
             recs = []
             for it, dfd, tmp in ready:
+                # With versioning on, the file being replaced is kept (hard-linked) in the version store.
+                vid, keep_as = self.vol.version_slot() if it.fs is not None and it.fs.kind == "file" else ("", "")
                 try:
-                    fs, old_fd = localfs.commit(dfd, tmp, it.rel, it.fs)
+                    fs, old_fd = localfs.commit(dfd, tmp, it.rel, it.fs, keep_as)
                 except localfs.TargetChanged as exc:
                     raced.append((it, exc.now))
                     continue
                 except OSError as exc:
+                    if keep_as:
+                        with contextlib.suppress(OSError):
+                            os.unlink(keep_as)
                     self.vol.applier.reject(it, exc)
                     continue
+                if keep_as and it.fs is not None and os.path.lexists(keep_as):
+                    kept.append(Version(vid, it.rel, time.time(), it.fs.size, it.rec.digest if it.rec else "",
+                                        "replaced", it.m.origin))
                 if old_fd >= 0:
                     displaced.append((it, old_fd))
                 it.rec = record_of(self.name, it.rel, it.m, fs, it.rev)
@@ -154,6 +165,8 @@ class Committer(Stage):
             return recs
 
         self.state.put_files(await asyncio.to_thread(rename_all))
+        if kept:
+            self.vol.versions_kept(kept)
         for it, old_fd in displaced:
             self.keep_displaced(it, old_fd)
         for it, seen in raced:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from .pending import Pending, record_of
 from .publish import Publisher
 from .roles import Role, effective_role, parse_role
 from .scan import Scanner
+from .versions import Version, to_drop
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class VolumeSync:
         self.local_changes: set[str] = set()
         self.local_warned_at = 0.0
         self.remote_ignored: dict[str, int] = {}
+        self.versions_dir = os.path.join(self.base, "versions")  # outside _data: never seen, never synced
+        self.versions_added = False
+        self.pruning = False
         # The stages, in the order a change flows through them (see the package docstring).
         self.scanner = Scanner(self)
         self.publisher = Publisher(self)
@@ -121,7 +125,8 @@ class VolumeSync:
         self._tasks = [asyncio.create_task(self.follower.run(), name=f"sync-{self.name}"),
                        asyncio.create_task(self.publisher.run(), name=f"publish-{self.name}"),
                        asyncio.create_task(self.scanner.run(), name=f"rescan-{self.name}"),
-                       asyncio.create_task(self.follower.retry_loop(), name=f"retry-{self.name}")]
+                       asyncio.create_task(self.follower.retry_loop(), name=f"retry-{self.name}"),
+                       asyncio.create_task(self.versions_loop(), name=f"versions-{self.name}")]
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
 
@@ -175,6 +180,78 @@ class VolumeSync:
         if now != self.state.get_meta(f"root:{self.name}"):
             return f"the volume directory {self.root} was replaced (device/inode changed)"
         return ""
+
+    # ---- versions kept for undo (sync/versions.py)
+    def version_slot(self) -> tuple[str, str]:
+        """A new version's id and where its file goes; ("", "") with versioning off. Worker threads."""
+        if self.options.versioning == "off":
+            return "", ""
+        os.makedirs(self.versions_dir, mode=0o700, exist_ok=True)
+        vid = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
+        return vid, os.path.join(self.versions_dir, vid)
+
+    def versions_kept(self, kept: list[Version]) -> None:
+        self.state.add_versions(self.name, kept)
+        self.versions_added = True
+        if self.options.versioning_max_bytes and not self.pruning:
+            # Over its cap the store is trimmed now, not at the next round.
+            self.pruning = True
+            asyncio.get_running_loop().create_task(self.prune_versions())
+
+    async def prune_versions(self) -> int:
+        """Enforce the volume's retention and byte cap on this node's version store."""
+        try:
+            o = self.options
+            drop = to_drop(self.state.versions(self.name), o.versioning, o.versions_keep, o.versioning_retention,
+                           o.versioning_max_bytes, time.time())
+            if drop:
+
+                def unlink_all() -> None:
+                    for v in drop:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self.versions_dir, v))
+
+                await asyncio.to_thread(unlink_all)
+                self.state.delete_versions(self.name, drop)
+            n, size = self.state.version_stats(self.name)
+            metrics.versions_files.labels(self.name).set(n)
+            metrics.versions_bytes.labels(self.name).set(size)
+            return len(drop)
+        finally:
+            self.pruning = False
+
+    async def versions_loop(self) -> None:
+        """Retention is enforced every minute (and at once when a byte cap is crossed)."""
+        while True:
+            try:
+                await self.prune_versions()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next round tries again
+                log.exception("volume %s: pruning kept versions failed", self.name)
+            await asyncio.sleep(60.0)
+
+    async def restore(self, ids: Sequence[str], to: str = "") -> dict[str, Any]:
+        """Write kept versions back into the volume as new local changes: published like any write, so
+        every node converges on them. `to`: another path (one version only)."""
+        if to and len(ids) != 1:
+            raise ValueError("--to restores one version at a time")
+        have = {v.id: v for v in self.state.versions(self.name)}
+        missing = [i for i in ids if i not in have]
+        if missing:
+            raise KeyError(f"no kept version {missing[0]} of volume {self.name} on this node")
+        target = validate_relpath(to) if to else ""
+        restored: list[dict[str, Any]] = []
+        for vid in ids:
+            v = have[vid]
+            rel = target or v.path
+            await asyncio.to_thread(localfs.restore_copy, self.root, rel, os.path.join(self.versions_dir, vid))
+            self.dirty.add(rel)
+            restored.append({"id": vid, "path": rel, "from": v.path, "at": v.at, "size": v.size})
+        self.kick.set()
+        log.warning("volume %s: %d kept version(s) restored (%s)", self.name, len(restored),
+                    ", ".join(r["path"] for r in restored[:5]), extra={"volume": self.name})
+        return {"volume": self.name, "node": self.ctx.node_id, "restored": restored}
 
     @property
     def role(self) -> Role:
