@@ -399,6 +399,8 @@ def make_system(name: str, base: Path, nodes: int) -> System:
         return Syncmesh(base, nodes)
     if name == "syncmesh-plain":
         return Syncmesh(base, nodes, tls=False)
+    if name == "syncmesh-trash":
+        return Syncmesh(base, nodes, versioning="trash")
     if name == "syncthing":
         from syncthing_system import Syncthing
 

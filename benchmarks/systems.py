@@ -68,11 +68,14 @@ def proc_stats(pid: int) -> tuple[int, float]:
 class Syncmesh(System):
     name = "syncmesh"
 
-    def __init__(self, base: Path, nodes: int, tls: bool = True) -> None:
+    def __init__(self, base: Path, nodes: int, tls: bool = True, versioning: str = "off") -> None:
         super().__init__(base, nodes)
         self.tls = tls  # the product's default (mutual TLS, the cluster's own CA); False: plain HTTP
+        self.versioning = versioning  # the volume's option: "trash" measures the version store's cost
         if not tls:
             self.name = "syncmesh-plain"
+        if versioning != "off":
+            self.name = f"syncmesh-{versioning}"
         self.etcd: Etcd | None = None
         self.nodes: list[Node] = []
         self.volume = ""
@@ -102,7 +105,8 @@ class Syncmesh(System):
             for nd in self.nodes:
                 wait_for(lambda nd=nd: not nd.vol(self.volume).exists(), 30, what="volume removal")
         self.volume = f"bench{uuid.uuid4().hex[:8]}"
-        self.nodes[0].ok("VolumeDriver.Create", {"Name": self.volume, "Opts": None})
+        opts = {"versioning": self.versioning} if self.versioning != "off" else None
+        self.nodes[0].ok("VolumeDriver.Create", {"Name": self.volume, "Opts": opts})
         for nd in self.nodes:
             nd.mount(self.volume, "bench")
         self.dirs = [nd.vol(self.volume) for nd in self.nodes]
@@ -152,7 +156,12 @@ class Syncmesh(System):
         if self.etcd is not None:
             p = self.etcd.dir / "data" / "member" / "snap" / "db"
             size = p.stat().st_size if p.exists() else 0
-        return {"etcd_db_bytes": size}
+        kept = 0  # the version store of every node (hard links: bytes no longer in any volume)
+        for nd in self.nodes:
+            d = nd.data_root / "volumes" / self.volume / "versions"
+            if d.is_dir():
+                kept += sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+        return {"etcd_db_bytes": size, "versions_bytes": kept}
 
     def remove_base(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
