@@ -47,41 +47,63 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0
 
 
 class Etcd:
-    """A real etcd server on free loopback ports."""
+    """A real etcd server on free ports: alone (the default), or one member of an EtcdCluster."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, name: str = "t", host: str = "127.0.0.1") -> None:
         self.dir = tmp
+        self.name = name
+        self.host = host  # where it listens for clients and peers (a namespace's address, say)
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.initial_cluster = ""  # name=peer_url,... of every member ("": a cluster of this member alone)
+        self.cluster_state = "new"  # "existing": joining a running cluster (added through the member API first)
+        self.command_prefix: list[str] = []  # e.g. nsenter into a network namespace
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
     def client_urls(self) -> str:
         """Where etcd serves clients (subclasses: TLS, a bridge address as well)."""
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     def extra_args(self) -> list[str]:
         """More etcd flags (subclasses: certificates, a quota)."""
         return []
 
     def start(self) -> None:
-        binary = shutil.which("etcd")
-        assert binary, "etcd binary not found (apt-get install etcd-server)"
-        c, p = self.client_urls(), f"http://127.0.0.1:{self.peer_port}"
-        with open(self.dir / "etcd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [binary, "--name", "t", "--data-dir", str(self.dir / "data"), "--listen-client-urls", c,
-                 "--advertise-client-urls", c, "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-                 "--initial-cluster", f"t={p}", *self.extra_args()],
-                stdout=log, stderr=log, start_new_session=True)
+        self.launch()
         wait_for(self._up, 20, what="etcd to listen")
 
+    def launch(self) -> None:
+        """Start the process without waiting (the members of a new cluster start together)."""
+        binary = shutil.which("etcd")
+        assert binary, "etcd binary not found (apt-get install etcd-server)"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        c, p = self.client_urls(), self.peer_url
+        with open(self.dir / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.command_prefix, binary, "--name", self.name, "--data-dir", str(self.dir / "data"),
+                 "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
+                 "--initial-advertise-peer-urls", p, "--initial-cluster", self.initial_cluster or f"{self.name}={p}",
+                 "--initial-cluster-state", self.cluster_state, *self.extra_args()],
+                stdout=log, stderr=log, start_new_session=True)
+
     def _up(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5):
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"etcd {self.name} exited with {self.proc.returncode}: "
+                                 f"{(self.dir / 'etcd.log').read_text(errors='replace')[-2000:]}")
+        with socket.create_connection((self.host, self.client_port), timeout=0.5):
             return True
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -92,13 +114,26 @@ class Etcd:
                 self.proc.kill()
                 self.proc.wait()
 
-    def etcd_api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def kill(self) -> None:
+        """SIGKILL: the member dies without a word to its peers or clients."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wipe(self) -> None:
+        """Delete its data directory (stopped first): it comes back as a new, empty member."""
+        self.stop()
+        shutil.rmtree(self.dir / "data", ignore_errors=True)
+
+    def etcd_api(self, path: str, body: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         """etcd's JSON gateway (v3): used by tests to plant hostile values and compact history."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=10)
-        conn.request("POST", path, json.dumps(body))
-        resp = conn.getresponse()
-        data = json.loads(resp.read() or b"{}")
-        conn.close()
+        conn = http.client.HTTPConnection(self.host, self.client_port, timeout=timeout)
+        try:
+            conn.request("POST", path, json.dumps(body))
+            resp = conn.getresponse()
+            data = json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
         return data
 
     def put(self, key: str | bytes, value: bytes) -> int:
@@ -123,6 +158,118 @@ class Etcd:
         self.etcd_api("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         return rev
 
+    def status(self, timeout: float = 2) -> dict[str, Any]:
+        """This member's own status: its id (`header.member_id`), the leader's id, its revision."""
+        return self.etcd_api("/v3/maintenance/status", {}, timeout=timeout)
+
+
+class EtcdCluster:
+    """Several etcd members (three by default) forming one cluster, as production etcd runs: what Node
+    gets as its endpoints is every member's client URL. Members can be stopped, killed, removed and
+    added back through etcd's member API; requests of the harness go to any member that answers."""
+
+    def __init__(self, tmp: Path, size: int = 3, *, hosts: list[str] | None = None) -> None:
+        self.dir = tmp
+        self.members = [Etcd(tmp / f"m{i}", name=f"m{i}", host=(hosts[i - 1] if hosts else "127.0.0.1"))
+                        for i in range(1, size + 1)]
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = cluster
+
+    @property
+    def endpoint(self) -> str:
+        """Every member's client URL, comma-separated (SYNCMESH_ETCD_ENDPOINTS)."""
+        return ",".join(m.endpoint for m in self.members)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def endpoints_from(self, i: int) -> str:
+        """Every client URL, member i first (0-based): the member a node given this list talks to."""
+        eps = self.endpoints
+        return ",".join(eps[i % len(eps):] + eps[:i % len(eps)])
+
+    def start(self) -> EtcdCluster:
+        for m in self.members:
+            m.launch()
+        for m in self.members:
+            wait_for(m._up, 20, what=f"etcd member {m.name} to listen")
+        wait_for(lambda: "header" in self.etcd_api("/v3/kv/range", {"key": "AA=="}), 30,
+                 what="the etcd cluster to elect a leader")
+        return self
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def _live(self) -> list[Etcd]:
+        return [m for m in self.members if m.running]
+
+    def etcd_api(self, path: str, body: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+        """A gateway request to the first live member that answers (with a header: it has quorum)."""
+        last: Exception | None = None
+        for m in self._live():
+            try:
+                r = m.etcd_api(path, body, timeout=timeout)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                last = exc
+                continue
+            if "header" in r or not r.get("error"):
+                return r
+            last = RuntimeError(f"{m.name}: {r}")
+        raise ConnectionError(f"no etcd member answered {path}: {last!r}")
+
+    def put(self, key: str | bytes, value: bytes) -> int:
+        return Etcd.put(self, key, value)  # type: ignore[arg-type]  # uses only etcd_api
+
+    def get(self, key: str | bytes) -> bytes | None:
+        return Etcd.get(self, key)  # type: ignore[arg-type]
+
+    def compact(self) -> int:
+        return Etcd.compact(self)  # type: ignore[arg-type]
+
+    def member_ids(self) -> dict[str, str]:
+        """member name -> id (decimal string, as the gateway writes uint64s)."""
+        r = self.etcd_api("/v3/cluster/member/list", {})
+        return {m.get("name", ""): str(m["ID"]) for m in r.get("members", [])}
+
+    def leader(self, timeout: float = 20) -> Etcd:
+        """The member that leads now (waits through an election)."""
+
+        def find() -> Etcd | None:
+            for m in self._live():
+                try:
+                    st = m.status(timeout=1)
+                except (OSError, http.client.HTTPException, ValueError):
+                    continue
+                if st.get("leader") and st.get("leader") == st.get("header", {}).get("member_id"):
+                    return m
+            return None
+
+        return wait_for(find, timeout, interval=0.1, what="an etcd leader")
+
+    def remove(self, m: Etcd) -> None:
+        """Remove a member through the member API (its process is stopped first)."""
+        mid = self.member_ids()[m.name]
+        m.stop()
+        self.etcd_api("/v3/cluster/member/remove", {"ID": mid})
+
+    def add(self, m: Etcd) -> None:
+        """Add a member through the member API and start it (empty data dir) as joining the cluster."""
+        r = self.etcd_api("/v3/cluster/member/add", {"peerURLs": [m.peer_url]})
+        names = {str(x.get("name") or ""): x for x in r.get("members", [])}
+        peers = [f"{n}={x['peerURLs'][0]}" for n, x in names.items() if n]
+        m.initial_cluster = ",".join([*peers, f"{m.name}={m.peer_url}"])
+        m.cluster_state = "existing"
+        m.start()
+
+    def replace(self, m: Etcd) -> None:
+        """The member is removed, its data deleted, and it is added back as a new, empty member."""
+        self.remove(m)
+        m.wipe()
+        self.add(m)
+
 
 class UnixHTTP(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float = 130) -> None:
@@ -139,7 +286,7 @@ class UnixHTTP(http.client.HTTPConnection):
 class Node:
     """One syncmesh daemon as a separate process, with its own data root, socket and port."""
 
-    def __init__(self, base: Path, name: str, etcd: Etcd | None, prefix: str, *, tls: bool = False,
+    def __init__(self, base: Path, name: str, etcd: Etcd | EtcdCluster | None, prefix: str, *, tls: bool = False,
                  join_token: str = "", **env: str) -> None:
         self.name = name
         self.base = base / name
