@@ -311,6 +311,7 @@ class Daemon:
             log.info("embedded etcd started on %s (data in %s)", emb.endpoint, emb.data_dir)
         store = EtcdStore(self.cfg.etcd, self.etcd_endpoints)
         store.request_hook = metrics.etcd_hook
+        store.failover_hook = metrics.etcd_failover_hook
         await store.connect()
         if self.pki is not None:
             try:
@@ -424,6 +425,17 @@ class Daemon:
         return got
 
     # ---- health
+    def _etcd_members(self) -> dict[str, Any]:
+        """The endpoint this node talks to, and what its probes say of every member (no request made)."""
+        if self.store is None:
+            return {"endpoint": "", "members": []}
+        view = self.store.endpoint_health()
+        members = [{k: e[k] for k in ("endpoint", "member", "healthy", "leader", "current", "rtt_ms", "error")}
+                   for e in view["endpoints"]]
+        # a member down while the others answer: requests go on (ok), the member is named here
+        down = {m["endpoint"]: m["error"] or "not probed yet" for m in members if not m["healthy"]}
+        return {"endpoint": view["current"], "failovers": view["failovers"], "members": members, "degraded": down}
+
     def _etcd_in_clear(self) -> list[str]:
         if self.cfg.etcd.tls_ca_file or self.cfg.etcd.tls_cert_file:
             return []  # TLS to etcd whatever the endpoints' scheme (meta.EtcdStore._tls_material)
@@ -436,7 +448,7 @@ class Daemon:
             "etcd": {"ok": self.etcd_ok and not self.housekeeper.alarms, "endpoints": self.etcd_endpoints,
                      "error": self.etcd_error or ("alarm: " + ", ".join(self.housekeeper.alarms)
                                                   if self.housekeeper.alarms else ""),
-                     "alarms": self.housekeeper.alarms},
+                     "alarms": self.housekeeper.alarms, **self._etcd_members()},
         }
         vols = self.held.snapshots()
         degraded = {n: s.watcher_reason for n, s in vols.items() if s.watcher_degraded}

@@ -14,7 +14,7 @@ A request whose answer was lost may have been applied: `call(..., once=True)` th
 instead of sending it again, and the caller checks what etcd holds (meta.EtcdStore.cas_put_many reads the
 keys' revisions). Host names are resolved when a channel is made, and again whenever an endpoint that
 failed is tried again (a member that moved to another address is found). A probe asks every member for
-its status every 2 s (health, leader, revision, round trip), moves off a current endpoint that failed
+its status every second (health, leader, revision, round trip), moves off a current endpoint that failed
 two probes in a row, and every move interrupts the watch streams open on the endpoint being left, so
 their callers resume them on the next member from the revision they applied.
 """
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROBE_INTERVAL = 2.0  # seconds between two status probes of every member
+PROBE_INTERVAL = 1.0  # seconds between two status probes of every member
 PROBE_TIMEOUT = 1.0
 PROBE_FAILURES_TO_MOVE = 2  # a current endpoint failing this many probes in a row is left
 KEEPALIVE_TIME_MS = 6000  # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time)
@@ -408,9 +408,13 @@ class EtcdConnection:
         assert svc is not None
         create = WatchCreateRequest(key=key, range_end=range_end, start_revision=start_revision, progress_notify=True)
 
+        ended = asyncio.Event()
+
         async def requests() -> AsyncIterator[WatchRequest]:
             yield WatchRequest(create_request=create)
-            await asyncio.Future()  # the stream stays open until cancelled
+            # The stream stays open until it ends. Not a bare Future: gRPC does not cancel the task reading
+            # this generator when the call ended by itself (a broken stream), which would then wait forever.
+            await ended.wait()
 
         metadata = (*svc._metadata, ("hasleader", "true"))
         call = svc._stub.Watch(requests(), metadata=metadata)
@@ -436,6 +440,7 @@ class EtcdConnection:
             ep.streams.discard(call)
             ep.interrupted.discard(call)
             call.cancel()
+            ended.set()
 
     # ---- probes
     def start_probes(self) -> None:
@@ -452,6 +457,10 @@ class EtcdConnection:
                     await self.refresh_members()
             rounds += 1
             cur = self.current
+            if cur.probe_failures == 1:
+                # the member this node talks to did not answer: ask again at once rather than a second later
+                await asyncio.sleep(0.2)
+                await self.probe(cur)
             if (cur.probe_failures >= PROBE_FAILURES_TO_MOVE and len(self.endpoints) > 1
                     and any(ep.probed_ok for ep in self.endpoints if ep is not cur)):
                 cur.last_error = (cur.health.error if cur.health else "") or "failed its probes"

@@ -144,6 +144,6 @@ class Membership:
             self._task = None
         if self.lease_id:
             # A clean stop frees the node's keys at once instead of after the TTL.
-            with contextlib.suppress(EtcdUnavailable, asyncio.CancelledError):
+            with contextlib.suppress(EtcdUnavailable, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self.store.revoke_lease(self.lease_id), 2)
             self.lease_id = 0

@@ -793,7 +793,7 @@ class EtcdStore:
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(EtcdUnavailable):
-            await self._call("lease", lambda: self._lease.revoke(lease_id, timeout=2), timeout=2)
+            await self._call("lease", lambda: self._lease.revoke(lease_id, timeout=1.5), timeout=1.5)
 
     # ---- watch
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:

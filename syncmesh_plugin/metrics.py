@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -44,6 +47,14 @@ etcd_request_seconds = Histogram("syncmesh_etcd_request_duration_seconds", "etcd
                                  buckets=_LAT, registry=REGISTRY)
 etcd_errors = Counter("syncmesh_etcd_errors_total", "etcd requests that failed", ["op"], registry=REGISTRY)
 etcd_up = Gauge("syncmesh_etcd_up", "1 when etcd answers", registry=REGISTRY)
+etcd_member_up = Gauge("syncmesh_etcd_member_up", "1 when the member behind an etcd endpoint answered its last "
+                       "status probe and knows a leader", ["endpoint"], registry=REGISTRY)
+etcd_endpoint_current = Gauge("syncmesh_etcd_endpoint_current", "1 for the etcd endpoint this node talks to",
+                              ["endpoint"], registry=REGISTRY)
+etcd_member_probe_seconds = Gauge("syncmesh_etcd_member_probe_seconds", "Round trip of the last status probe of "
+                                  "the member behind an etcd endpoint", ["endpoint"], registry=REGISTRY)
+etcd_failovers = Counter("syncmesh_etcd_failovers_total", "Moves from one etcd endpoint to another (refused, "
+                         "timeout, unavailable, busy, probe, preferred)", ["reason"], registry=REGISTRY)
 nodes_in_cluster = Gauge("syncmesh_cluster_nodes", "Live nodes registered in etcd", registry=REGISTRY)
 leader = Gauge("syncmesh_cluster_leader", "1 when this node is the housekeeping leader", registry=REGISTRY)
 volumes_held = Gauge("syncmesh_volumes_held", "Volumes this node holds a replica of", registry=REGISTRY)
@@ -75,6 +86,25 @@ etcd_alarm = Gauge("syncmesh_etcd_alarm", "1 while etcd has an active alarm (NOS
                    registry=REGISTRY)
 corrupt_chunks = Counter("syncmesh_corrupt_chunks_total", "Chunks whose bytes did not match their id",
                          registry=REGISTRY)
+
+
+def etcd_failover_hook(_from: str, _to: str, reason: str) -> None:
+    etcd_failovers.labels(reason).inc()
+
+
+def set_etcd_endpoints(report: list[dict[str, Any]]) -> None:
+    """The endpoint gauges from the store's probes (labels: the configured endpoints, a bounded set)."""
+    now = {str(e["endpoint"]) for e in report}
+    for g in (etcd_member_up, etcd_endpoint_current, etcd_member_probe_seconds):
+        for labels in list(g._metrics):
+            if labels[0] not in now:
+                with contextlib.suppress(KeyError):
+                    g.remove(*labels)
+    for e in report:
+        ep = str(e["endpoint"])
+        etcd_member_up.labels(ep).set(1 if e.get("healthy") else 0)
+        etcd_endpoint_current.labels(ep).set(1 if e.get("current") else 0)
+        etcd_member_probe_seconds.labels(ep).set(float(e.get("rtt_ms") or 0) / 1000)
 
 
 def etcd_hook(op: str, seconds: float, ok: bool) -> None:

@@ -203,6 +203,9 @@ class Ops:
         self._replica_at.pop(name, None)
 
     def refresh_gauges(self) -> None:
+        store = self._store()
+        if store is not None:
+            metrics.set_etcd_endpoints(store.endpoint_health()["endpoints"])
         vols = self.volumes.snapshots()
         metrics.watches.set(sum(s.watches for s in vols.values()))
         for name, s in vols.items():

@@ -26,6 +26,16 @@ def status(c: Client, as_json: bool) -> int:
         if name == "peers" and comp.get("open"):
             detail = "circuit open to " + ", ".join(comp["open"])
         click.echo(f"  {name:<14}{'ok' if comp.get('ok') else 'FAILING'}  {detail}".rstrip())
+    etcd = health.get("components", {}).get("etcd", {})
+    if etcd.get("members"):
+        fo = int(etcd.get("failovers", 0) or 0)
+        click.echo(f"etcd      talking to {etcd.get('endpoint') or '-'}" + (f" ({fo} failover(s))" if fo else ""))
+        erows: list[tuple[Any, ...]] = [("", "ENDPOINT", "MEMBER", "STATE", "LEADER", "RTT", "ERROR")]
+        for m in etcd["members"]:
+            erows.append(("*" if m.get("current") else "", m.get("endpoint", ""), m.get("member") or "-",
+                          "ok" if m.get("healthy") else "DOWN", "yes" if m.get("leader") else "",
+                          f"{m['rtt_ms']:.1f}ms" if m.get("healthy") else "-", (m.get("error") or "")[:80]))
+        table(erows)
     if ccode == 200:
         click.echo(f"cluster   {len(cluster['nodes'])} node(s), leader {cluster.get('leader') or '-'}, "
                    f"etcd {len(cluster['etcd'].get('members', []))} member(s)")

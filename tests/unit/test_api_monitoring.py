@@ -73,8 +73,9 @@ def test_scrape_config_parses():
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"]
 
 
-#: Label names a metric may carry: each has a bounded set of values (never a path or a chunk id; state: live|offline).
-ALLOWED_LABELS = {"kind", "mode", "reason", "op", "volume", "peer", "source", "method", "result", "state"}
+#: Label names a metric may carry: each has a bounded set of values (never a path or a chunk id; state: live|offline;
+#: endpoint: the etcd endpoints the node was given, or its embedded cluster's members).
+ALLOWED_LABELS = {"kind", "mode", "reason", "op", "volume", "peer", "source", "method", "result", "state", "endpoint"}
 #: Spellings of a unit that is not the base unit Prometheus expects (seconds, bytes).
 _NON_BASE_UNITS = re.compile(r"_(milli|micro|nano)?(ms|us|ns|millis|milliseconds|microseconds|minutes|hours|days|"
                              r"kb|mb|gb|kib|mib|gib|kilobytes|megabytes|bits)(_|$)")
