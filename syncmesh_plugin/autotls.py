@@ -108,6 +108,11 @@ class ClusterPki:
         except PkiError as exc:
             log.warning("ignoring the PKI state in %s: %s", self.files.dir, exc)
             return False
+        if pki.common_name(cert) != self.node:
+            # node_id changed on this data root: that certificate names another node; join again (token)
+            log.warning("the certificate in %s is node %s's, not %s's: this node joins again with its join token",
+                        self.files.dir, pki.common_name(cert), self.node)
+            return False
         if not any(pki.issued_by(cert, ca) for ca in bundle.cas):
             log.warning("this node's certificate is not of a CA it trusts; it will ask for a new one")
         self.bundle, self.crls, self.cert = bundle, crls, cert

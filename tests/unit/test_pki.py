@@ -326,3 +326,13 @@ def test_etcd_reached_in_clear_is_named() -> None:
 
     assert plain_etcd(["http://127.0.0.1:2379", "localhost:2379", "https://10.0.0.5:2379", "http://[::1]:2379"]) == []
     assert plain_etcd(["http://10.0.0.5:2379", "etcd.lan:2379"]) == ["http://10.0.0.5:2379", "etcd.lan:2379"]
+
+
+def test_local_state_is_reused_only_by_the_node_it_names(signer: ClusterPki, tmp_path: Path) -> None:
+    signer._save_trust()
+    signer._sign_own()
+    again = ClusterPki(node="n1", data_root=str(tmp_path), lifetime=3600.0)
+    assert again.load_local() and again.cert is not None and again.is_signer
+    assert pki.serial_hex(again.cert.serial_number) == pki.serial_hex(signer.cert.serial_number)  # type: ignore[union-attr]
+    renamed = ClusterPki(node="n9", data_root=str(tmp_path), lifetime=3600.0)
+    assert not renamed.load_local() and renamed.cert is None  # joins again with its token instead
