@@ -65,6 +65,7 @@ class EtcdConfig:
     lease_ttl: int = 10
     embedded_client_port: int = 0
     embedded_peer_port: int = 0
+    embedded_members: int = 3  # voting members of an embedded cluster grown with `join`; later nodes are clients
 
 
 MOUNT_TIMEOUT_MAX = 110.0  # dockerd cuts a volume plugin's Mount at 120 s; answer before it does
@@ -118,6 +119,7 @@ class MonitoringConfig:
 class Config:
     node_id: str = ""
     join_token: Secret = Secret("")  # printed by `syncmesh-plugin token` on the cluster's first node
+    join: str = ""  # http://host1:7734: another node's API; this node's embedded etcd joins that node's cluster
     log_level: str = "info"
     log_format: str = "json"
     data_root: str = "/var/lib/syncmesh"
@@ -314,6 +316,18 @@ def _validate(cfg: Config) -> Config:
                   cfg.sync.max_manifest_bytes)
     if cfg.housekeeping.interval < 1:
         raise bad("housekeeping.interval", "a duration of at least 1s", f"{cfg.housekeeping.interval}s")
+    if cfg.join and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", cfg.join):
+        raise bad("join", "the URL of another node's API, like http://10.0.0.5:7734", cfg.join)
+    if cfg.join and cfg.tls_mode == "auto":
+        raise ConfigError("join: the members of an embedded etcd cluster talk plain HTTP (the cluster's own TLS does "
+                          "not cover etcd yet): set security.tls_enabled: false on every node to grow one on a "
+                          "network you trust, or give every node etcd.endpoints of an etcd cluster run with TLS")
+    if cfg.join and cfg.etcd.endpoints:
+        raise ConfigError("join: grows an embedded etcd cluster; with etcd.endpoints set this node uses that etcd "
+                          "(set one or the other)")
+    if not 1 <= cfg.etcd.embedded_members <= 7:
+        raise bad("etcd.embedded_members", "an integer from 1 to 7 (3 or 5: an odd number keeps a majority)",
+                  cfg.etcd.embedded_members)
     if cfg.etcd.lease_ttl < 2:
         raise bad("etcd.lease_ttl", "an integer >= 2 (seconds)", cfg.etcd.lease_ttl)
     if not 1 <= cfg.sync.mount_timeout <= MOUNT_TIMEOUT_MAX:

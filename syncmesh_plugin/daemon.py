@@ -24,12 +24,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from . import api, chunker, driver, metrics
+from . import api, chunker, driver, etcd_cluster, metrics
 from .auth import AutoAccess
 from .autotls import ClusterPki, PkiApi
 from .config import Config
 from .engine import Engine, EngineContext, VolumeSync
-from .etcd_embedded import EmbeddedEtcd
+from .etcd_cluster import EmbeddedCluster
+from .etcd_embedded import EmbeddedEtcd, MemberRemoved
 from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
@@ -108,6 +109,11 @@ class Daemon:
         self.store: EtcdStore | None = None
         self.membership: Membership | None = None
         self.embedded: EmbeddedEtcd | None = None
+        # An embedded etcd cluster grown with `join`: our member listens on the advertise host once other hosts
+        # must reach it.
+        self.etcd_cluster = EmbeddedCluster(cfg.node_id, store=lambda: self.store, embedded=lambda: self.embedded,
+                                            max_members=cfg.etcd.embedded_members,
+                                            host=urlsplit(self.advertise).hostname or "127.0.0.1")
         self.etcd_endpoints: list[str] = list(cfg.etcd.endpoints)
         self.etcd_ready = asyncio.Event()
         self.etcd_ok = False
@@ -209,7 +215,7 @@ class Daemon:
             node=node, security=cfg.security, monitoring=cfg.monitoring.enabled,
             compression=cfg.sync.compression_enabled, cluster=self.ops, events=self.ops.bus, volumes=self.held,
             registry=lambda: self.manager, index=lambda: self.state, chunks=self.chunk_source,
-            access=access, pki=control))
+            access=access, pki=control, etcd_cluster=self.etcd_cluster if cfg.embedded_etcd else None))
 
     async def _live_nodes(self) -> dict[str, dict[str, Any]]:
         if self.membership is None:
@@ -301,18 +307,59 @@ class Daemon:
         assert self.manager is not None  # made by start() before this loop
         self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
 
+    async def _start_embedded(self) -> None:
+        """The embedded etcd: alone, a member of the cluster this node joined (`join`), or none at all when the
+        cluster had its members already (this node is then a client of theirs)."""
+        cfg, root = self.cfg, self.cfg.data_root
+        role = etcd_cluster.load_role(root)
+        if role.get("role") == "client" and role.get("endpoints"):
+            self.etcd_endpoints = [str(e) for e in role["endpoints"]]
+            return
+        emb = EmbeddedEtcd(root, cfg.node_id, cfg.etcd.embedded_client_port, cfg.etcd.embedded_peer_port,
+                           host=self.etcd_cluster.host)
+        if emb.has_data():
+            try:
+                await emb.start()
+            except MemberRemoved:
+                if not cfg.join:
+                    raise
+                log.warning("this node's etcd member was removed from the cluster (forget); its data is kept in %s "
+                            "and the node joins %s again", emb.set_aside(), cfg.join)
+        if not emb.has_data() and cfg.join:
+            assert self._session is not None
+            host = self.etcd_cluster.host
+            plan = await etcd_cluster.ask_to_join(self._session, cfg.join, cfg.node_id, emb.peer_url_on(host),
+                                                  f"http://{host}:{emb.client_port}")
+            if not plan.member:
+                etcd_cluster.save_role(root, "client", plan.endpoints)
+                self.etcd_endpoints = plan.endpoints
+                log.warning("the etcd cluster of %s has its %d members: this node runs none and uses theirs (%s)",
+                            cfg.join, cfg.etcd.embedded_members, ", ".join(plan.endpoints))
+                return
+            await emb.start(initial_cluster=plan.initial_cluster, existing=True, host=host, timeout=60)
+            etcd_cluster.save_role(root, "member", plan.endpoints)
+            role = {"role": "member", "endpoints": plan.endpoints}
+            log.warning("embedded etcd joined the cluster of %s as a learner (data in %s)", cfg.join, emb.data_dir)
+        elif not emb.has_data() or emb.proc is None:
+            await emb.start()
+        self.embedded = emb
+        others = [str(e) for e in role.get("endpoints", []) if str(e) != emb.endpoint]
+        self.etcd_endpoints = [emb.endpoint, *others]
+        log.info("embedded etcd started on %s (data in %s)", emb.endpoint, emb.data_dir)
+
     async def _connect(self) -> None:
         if self.cfg.embedded_etcd and self.embedded is None:
-            emb = EmbeddedEtcd(self.cfg.data_root, self.cfg.node_id, self.cfg.etcd.embedded_client_port,
-                               self.cfg.etcd.embedded_peer_port)
-            await emb.start()
-            self.embedded = emb
-            self.etcd_endpoints = [emb.endpoint]
-            log.info("embedded etcd started on %s (data in %s)", emb.endpoint, emb.data_dir)
+            await self._start_embedded()
         store = EtcdStore(self.cfg.etcd, self.etcd_endpoints)
         store.request_hook = metrics.etcd_hook
         store.failover_hook = metrics.etcd_failover_hook
         await store.connect()
+        if self.cfg.embedded_etcd:
+            # the endpoints follow the cluster's members (remembered for a restart), our own member first
+            role = "member" if self.embedded is not None else "client"
+            own = self.embedded.endpoint if self.embedded is not None else ""
+            store.follow_members(self.cfg.node_id, own, lambda urls: etcd_cluster.save_role(
+                self.cfg.data_root, role, [u for u in urls if u != own]))
         if self.pki is not None:
             try:
                 await self.pki.bootstrap(store)
@@ -340,6 +387,8 @@ class Daemon:
         await self.manager.resume_held()
         await self.manager.republish_mounts()
         log.info("connected to etcd %s as node %s", ", ".join(self.etcd_endpoints), self.cfg.node_id)
+        if self.embedded is not None:
+            self._tasks.append(asyncio.create_task(self.etcd_cluster.promote_self(), name="etcd-promote"))
         clear = self._etcd_in_clear()
         if clear:
             log.warning("%s", ETCD_PLAIN_WARNING.format(", ".join(clear)))

@@ -45,6 +45,7 @@ T = TypeVar("T")
 PROBE_INTERVAL = 1.0  # seconds between two status probes of every member
 PROBE_TIMEOUT = 1.0
 PROBE_FAILURES_TO_MOVE = 2  # a current endpoint failing this many probes in a row is left
+PREFERRED_AFTER = 5  # probes in a row the first endpoint must pass before the node moves back to it
 KEEPALIVE_TIME_MS = 6000  # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time)
 KEEPALIVE_TIMEOUT_MS = 3000
 
@@ -112,6 +113,8 @@ def failover_kind(exc: BaseException) -> str | None:
         return "unavailable"  # the channel was closed under the call (a re-resolved endpoint)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in detail:
         return "busy"
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "learner" in detail:
+        return "learner"  # a member still catching up serves almost nothing
     return None
 
 
@@ -169,6 +172,7 @@ class Endpoint:
     failed_at: float = 0.0
     resolved_at: float = 0.0
     probe_failures: int = 0
+    probe_streak: int = 0  # probes passed in a row
     health: MemberHealth | None = None
     streams: set[Any] = field(default_factory=set)  # open watch calls
     interrupted: set[Any] = field(default_factory=set)  # of those, the ones we cancelled to move them
@@ -197,6 +201,9 @@ class EtcdConnection:
         self.last_failover: dict[str, Any] = {}
         self.members: dict[int, dict[str, Any]] = {}  # member id -> name, peer/client URLs, learner (member list)
         self.failover_hook: Callable[[str, str, str], None] | None = None  # (from url, to url, reason)
+        # An embedded cluster: the endpoints follow the member list (own_name's member reached on own_endpoint).
+        self.follow: tuple[str, str] | None = None
+        self.on_endpoints: Callable[[list[str]], None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -374,13 +381,14 @@ class EtcdConnection:
         if ep is self.current and len(self.endpoints) > 1:
             self.move(kind)
 
-    def move(self, reason: str) -> None:
-        """Make the next endpoint current (healthy ones first) and interrupt the streams on the one left."""
+    def move(self, reason: str, to: Endpoint | None = None) -> None:
+        """Make the next endpoint current (healthy ones first), or `to`, and interrupt the streams on the one
+        left."""
         old = self.current
         ring = self._ring(old)
         if not ring:
             return
-        new = sorted(ring, key=lambda e: (e.probed_ok is False, e.failures > 0))[0]
+        new = to or sorted(ring, key=lambda e: (e.probed_ok is False, e.failures > 0))[0]
         self.current = new
         self.failovers += 1
         self.last_failover = {"from": old.url, "to": new.url, "reason": reason, "at": time.time()}
@@ -461,10 +469,14 @@ class EtcdConnection:
                 # the member this node talks to did not answer: ask again at once rather than a second later
                 await asyncio.sleep(0.2)
                 await self.probe(cur)
+            first = self.endpoints[0]
             if (cur.probe_failures >= PROBE_FAILURES_TO_MOVE and len(self.endpoints) > 1
                     and any(ep.probed_ok for ep in self.endpoints if ep is not cur)):
                 cur.last_error = (cur.health.error if cur.health else "") or "failed its probes"
                 self.move("probe")
+            elif cur is not first and first.probe_streak >= PREFERRED_AFTER:
+                # the member this node was given first is back (and stayed up): talk to it again
+                self.move("preferred", to=first)
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def probe(self, ep: Endpoint) -> MemberHealth:
@@ -487,13 +499,18 @@ class EtcdConnection:
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError, AssertionError) as exc:
             h = MemberHealth(ok=False, at=time.time(), error=describe(exc) if not isinstance(exc, TimeoutError)
                              else f"no answer within {PROBE_TIMEOUT:.0f}s")
+        member = self.members.get(h.member_id)
+        if h.ok and member is not None and member["learner"]:
+            h.ok, h.error = False, "learner: not a voting member yet (catching up)"
         ep.health = h
         if h.ok:
             ep.probe_failures = 0
+            ep.probe_streak += 1
             if ep is not self.current:
                 ep.failures = 0
         else:
             ep.probe_failures += 1
+            ep.probe_streak = 0
         return h
 
     async def refresh_members(self) -> dict[int, dict[str, Any]]:
@@ -507,7 +524,29 @@ class EtcdConnection:
         resp = await self.call("member_list", ask, timeout=min(self.timeout, 3.0))
         self.members = {int(m.ID): {"name": m.name, "peer_urls": list(m.peerURLs), "client_urls": list(m.clientURLs),
                                     "learner": bool(m.isLearner)} for m in resp.members}
+        if self.follow is not None:
+            self._follow_members()
         return self.members
+
+    def follow_members(self, own_name: str, own_endpoint: str = "",
+                       on_change: Callable[[list[str]], None] | None = None) -> None:
+        self.follow = (own_name, own_endpoint)
+        self.on_endpoints = on_change
+
+    def _follow_members(self) -> None:
+        assert self.follow is not None
+        own_name, own_endpoint = self.follow
+        urls = [own_endpoint] if own_endpoint else []
+        for m in sorted(self.members.values(), key=lambda m: str(m["name"])):
+            if m["name"] and m["name"] != own_name and not m["learner"]:
+                urls += [u for u in m["client_urls"] if u not in urls]
+        if own_endpoint and not any(m["name"] == own_name for m in self.members.values()):
+            urls.remove(own_endpoint)  # our member was removed (forget): it serves nothing any more
+        if urls and urls != self.urls:
+            log.info("etcd: endpoints now %s (the cluster's members)", ", ".join(urls))
+            self.set_endpoints(urls)
+            if self.on_endpoints is not None:
+                self.on_endpoints(urls)
 
     def report(self) -> list[dict[str, Any]]:
         """Every endpoint: the member behind it, whether it answers, whether this node talks to it."""

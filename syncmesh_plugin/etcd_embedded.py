@@ -1,83 +1,153 @@
-"""Embedded single-node etcd: a child `etcd` process on loopback, for a one-host setup with no config.
+"""Embedded etcd: a child `etcd` process, for a setup with no etcd of its own.
 
-It is the same etcd binary a cluster would use, so nothing behaves differently; only its lifetime
-is tied to the daemon's.
+Alone on one host it listens on loopback only, as it always did. It can also be one member of an
+embedded cluster that grows with the hosts (etcd_cluster.py): a joining node starts its member with the
+cluster it was given (`--initial-cluster-state existing`), and a member that other hosts must reach
+listens on the node's own address as well (`host`, remembered in ports.json with the ports, since a
+member's peer URL is stored in its data directory and the cluster's). It is the same etcd binary a
+cluster would use, so nothing behaves differently; only its lifetime is tied to the daemon's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
 
-def free_port(host: str = "127.0.0.1") -> int:
+
+class MemberRemoved(RuntimeError):
+    """The member's data directory belongs to a member the cluster has removed (`forget`): it cannot start."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _reuse(port: int | None) -> int:
-    """The port if it is still free on loopback, else 0."""
+def _reuse(port: int | None, host: str = LOOPBACK) -> int:
+    """The port if it is still free, else 0."""
     if not port:
         return 0
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return 0
     return port
 
 
+def _int(v: object) -> int:
+    return v if isinstance(v, int) else 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class EmbeddedEtcd:
     """Starts `etcd` with its data under <data_root>/etcd and stops it with the daemon."""
 
-    def __init__(self, data_root: str, name: str, client_port: int = 0, peer_port: int = 0) -> None:
+    def __init__(self, data_root: str, name: str, client_port: int = 0, peer_port: int = 0,
+                 host: str = LOOPBACK) -> None:
         self.data_dir = os.path.join(data_root, "etcd")
         self.name = name
-        saved = self._saved_ports()
-        self.client_port = client_port or _reuse(saved.get("client")) or free_port()
-        self.peer_port = peer_port or _reuse(saved.get("peer")) or free_port()
+        saved = self._saved()
+        # A member other hosts reach keeps listening on the address it was exposed on.
+        self.host = str(saved.get("host") or LOOPBACK)
+        self.wanted_host = host  # where it listens once it is a member of a cluster of several hosts
+        self.client_port = client_port or _reuse(_int(saved.get("client"))) or free_port()
+        self.peer_port = peer_port or _reuse(_int(saved.get("peer"))) or free_port()
         self.proc: asyncio.subprocess.Process | None = None
+        self.initial_cluster = ""
+        self.cluster_state = "new"
 
-    def _saved_ports(self) -> dict[str, int]:
-        """Ports used last time: the member's peer URL is stored in its data dir, so keep it stable."""
+    def _saved(self) -> dict[str, object]:
+        """Ports (and address) used last time: the member's peer URL is stored in its data dir, so keep it."""
         try:
             with open(os.path.join(self.data_dir, "ports.json")) as fh:
                 data = json.load(fh)
-            return {k: int(v) for k, v in data.items()}
+            return {k: (int(v) if k in ("client", "peer") else v) for k, v in data.items()}
         except (OSError, ValueError, AttributeError):
             return {}
 
+    def _save(self) -> None:
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.data_dir, "ports.json"), "w") as fh:
+            json.dump({"client": self.client_port, "peer": self.peer_port, "host": self.host}, fh)
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        """Where this node's own daemon reaches it (loopback)."""
+        return f"http://{LOOPBACK}:{self.client_port}"
 
-    async def start(self, timeout: float = 20.0) -> str:
+    @property
+    def client_url(self) -> str:
+        """Where the cluster's other hosts reach it."""
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def peer_url_on(self, host: str) -> str:
+        return f"http://{host}:{self.peer_port}"
+
+    def has_data(self) -> bool:
+        """It was started before: it is a member already (alone, or of the cluster it joined)."""
+        return os.path.isdir(os.path.join(self.data_dir, "data", "member"))
+
+    def set_aside(self) -> str:
+        """Move the data of a removed member away (kept, never deleted) so that the node can join afresh."""
+        src = os.path.join(self.data_dir, "data")
+        dst = os.path.join(self.data_dir, f"data.removed-{int(time.time())}")
+        os.rename(src, dst)
+        return dst
+
+    async def start(self, timeout: float = 20.0, *, initial_cluster: str = "", existing: bool = False,
+                    host: str | None = None) -> str:
+        """Start the member: alone (the first node), or joining `initial_cluster` (existing); `host` (a
+        member other hosts must reach) listens on that address as well and is remembered."""
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("embedded etcd needs the `etcd` binary on PATH (Debian: apt-get install etcd-server),"
                                " or set etcd.endpoints / SYNCMESH_ETCD_ENDPOINTS to an existing cluster")
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        with open(os.path.join(self.data_dir, "ports.json"), "w") as fh:
-            json.dump({"client": self.client_port, "peer": self.peer_port}, fh)
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        if host is not None:
+            self.host = host
+        self._save()
+        if not is_loopback(self.host):
+            listen_client = f"http://{LOOPBACK}:{self.client_port},http://{self.host}:{self.client_port}"
+        else:
+            listen_client = self.endpoint
+        advertise_client = self.client_url
+        peer = self.peer_url
         log_path = os.path.join(self.data_dir, "etcd.log")
         logf = open(log_path, "ab")
+        start_at = logf.tell()
+        cluster = initial_cluster or f"{self.name}={peer}"
         # The member's peer URL is stored in its data dir; a restart on other ports must reuse it.
         self.proc = await asyncio.create_subprocess_exec(
             binary, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-client-urls", listen_client, "--advertise-client-urls", advertise_client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}", "--auto-compaction-mode", "revision",
+            "--initial-cluster", cluster, "--initial-cluster-state", "existing" if existing else "new",
+            "--auto-compaction-mode", "revision",
             "--auto-compaction-retention", "100000", "--quota-backend-bytes", str(4 * 1024**3),
             stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         logf.close()
@@ -85,17 +155,38 @@ class EmbeddedEtcd:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             if self.proc.returncode is not None:
+                tail = self._log_since(log_path, start_at)
+                if "permanently removed from the cluster" in tail or "member has already been removed" in tail:
+                    raise MemberRemoved(f"this node's etcd member was removed from the cluster; see {log_path}")
                 raise RuntimeError(f"embedded etcd exited with code {self.proc.returncode}; see {log_path}")
-            if await self._healthy():
+            if await self._healthy() or (existing and await self._listening()):
                 return self.endpoint
             await asyncio.sleep(0.05)
         await self.stop()
-        raise RuntimeError(f"embedded etcd did not listen on {client} within {timeout:.0f}s; see {log_path}")
+        raise RuntimeError(f"embedded etcd did not listen on {listen_client} within {timeout:.0f}s; see {log_path}")
+
+    @staticmethod
+    def _log_since(path: str, offset: int) -> str:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def _listening(self) -> bool:
+        """A joining member (a learner catching up) serves its port before it is healthy."""
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, self.client_port), 1)
+        except (OSError, TimeoutError):
+            return False
+        w.close()
+        return True
 
     async def _healthy(self) -> bool:
         """etcd's own /health: listening is not enough, it must have elected itself and serve."""
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.client_port), 1)
+            r, w = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, self.client_port), 1)
         except (OSError, TimeoutError):
             return False
         try:

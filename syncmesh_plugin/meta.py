@@ -508,7 +508,7 @@ class EtcdStore:
                 "endpoints": probes["endpoints"], "failovers": probes["failovers"],
                 "last_failover": probes["last_failover"]}
 
-    async def member_add(self, peer_urls: list[str]) -> tuple[int, list[dict[str, Any]]]:
+    async def member_add(self, peer_urls: list[str], *, learner: bool = False) -> tuple[int, list[dict[str, Any]]]:
         """Add a voting member (its peer URLs) through the member API; returns (its id, every member as
         {id, name, peer_urls, client_urls}). A member with these peer URLs already there is returned as is
         (an add whose answer was lost, or a joiner asking again)."""
@@ -517,8 +517,8 @@ class EtcdStore:
             if set(m["peer_urls"]) & set(peer_urls):
                 return int(m["id"], 16), existing
         try:
-            resp = await self._call("member_add", lambda: self._cluster.member_add(peer_urls, timeout=self.timeout),
-                                    once=True)
+            resp = await self._call("member_add", lambda: self._cluster.member_add(
+                peer_urls, is_learner=learner, timeout=self.timeout), once=True)
         except AnswerLost:
             for m in await self.member_list():
                 if set(m["peer_urls"]) & set(peer_urls):
@@ -529,6 +529,20 @@ class EtcdStore:
     async def member_list(self) -> list[dict[str, Any]]:
         resp = await self._call("member_list", lambda: self._cluster.member_list(timeout=self.timeout))
         return [_member(m) for m in resp.members]
+
+    async def member_update(self, member_id: int, peer_urls: list[str]) -> None:
+        """A member's peer URLs changed (it moves from loopback to the host's address)."""
+        await self._call("member_update", lambda: self._cluster.member_update(member_id, peer_urls,
+                                                                               timeout=self.timeout))
+
+    async def member_promote(self, member_id: int) -> None:
+        """A learner that has caught up becomes a voting member (etcd refuses until it has caught up)."""
+        await self._call("member_promote", lambda: self._cluster.member_promote(member_id, timeout=self.timeout))
+
+    def follow_members(self, own_name: str, own_endpoint: str = "",
+                       on_change: Callable[[list[str]], None] | None = None) -> None:
+        """An embedded cluster: the endpoints follow the member list (own member first, learners left out)."""
+        self.connection.follow_members(own_name, own_endpoint, on_change)
 
     async def member_remove(self, member_id: int) -> bool:
         """Remove a member through the member API; False if it was not a member (any more)."""

@@ -84,8 +84,9 @@ def watch(c: Client, as_json: bool, volume: str | None, interval: float, count: 
 @click.argument("node_id")
 def forget(c: Client, as_json: bool, node_id: str) -> int:
     """Forget NODE_ID, a node that will not come back: its replica records are removed, so `verify`,
-    `inspect` and the placement stop counting it, and its certificates are revoked (it can no longer
-    connect to any node). Refused while the node is live (`ca revoke` cuts off a live node)."""
+    `inspect` and the placement stop counting it, its embedded etcd member (if any) is removed from the
+    cluster, and its certificates are revoked (it can no longer connect to any node). Refused while the
+    node is live (`ca revoke` cuts off a live node)."""
     data = c.must("POST", f"/api/v1/cluster/nodes/{q(node_id)}/forget")
     if as_json:
         emit_json(data)
@@ -93,6 +94,12 @@ def forget(c: Client, as_json: bool, node_id: str) -> int:
         gone = data.get("replicas_removed", [])
         click.echo(f"node {node_id} forgotten: {len(gone)} replica record(s) removed"
                    + (f" ({', '.join(gone)})" if gone else ""))
+        member = data.get("etcd_member")
+        if isinstance(member, dict) and "error" in member:
+            click.echo(f"its embedded etcd member was NOT removed: {member['error']}")
+        elif isinstance(member, dict) and member.get("removed"):
+            click.echo(f"its embedded etcd member {member.get('id')} removed; "
+                       f"{member.get('members_left')} member(s) left")
         certs = data.get("certificates")
         if isinstance(certs, dict) and "error" in certs:
             click.echo(f"its certificates were NOT revoked: {certs['error']}")

@@ -16,7 +16,7 @@ from aiohttp import web
 from .. import auth, chunker, transfer
 from . import cluster, events, files, node, pki, volumes
 from .common import errors
-from .deps import CLUSTER, EVENTS, INDEX, NODE, PKI, REGISTRY, VOLUMES, ApiDeps, Node
+from .deps import CLUSTER, ETCD_CLUSTER, EVENTS, INDEX, NODE, PKI, REGISTRY, VOLUMES, ApiDeps, Node
 
 __all__ = ["ApiDeps", "Node", "make_app"]
 
@@ -38,6 +38,8 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[INDEX] = deps.index
     if deps.pki is not None:
         app[PKI] = deps.pki
+    if deps.etcd_cluster is not None:
+        app[ETCD_CLUSTER] = deps.etcd_cluster
     if deps.monitoring:
         app.add_routes(node.metrics_routes)
     for module in (node, cluster, volumes, files, events, pki):

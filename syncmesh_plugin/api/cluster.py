@@ -11,7 +11,7 @@ from ..pki import PkiError
 from ..volopts import VolumeError
 from ..volumes import ClusterUnavailable
 from .common import ApiError, registry
-from .deps import CLUSTER, INDEX, NODE, PKI, ClusterView
+from .deps import CLUSTER, ETCD_CLUSTER, INDEX, NODE, PKI, ClusterView
 
 routes = web.RouteTableDef()
 
@@ -69,6 +69,25 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     return web.json_response({"nodes": out, "leader": ops.leader})
 
 
+@routes.post("/api/v1/cluster/etcd/members")
+async def etcd_join(request: web.Request) -> web.Response:
+    """A node started with `join` asks for a place in this node's embedded etcd cluster: a learner member
+    while the cluster has fewer than etcd.embedded_members members, else the members' client URLs."""
+    etcd = request.app.get(ETCD_CLUSTER)
+    if etcd is None:
+        raise ApiError(409, "this node does not run an embedded etcd: give the joining node etcd.endpoints instead")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "expected a JSON body {node, peer_urls, client_urls}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "expected a JSON body {node, peer_urls, client_urls}")
+    try:
+        return web.json_response(await etcd.admit(body.get("node"), body.get("peer_urls"), body.get("client_urls")))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 @routes.post("/api/v1/cluster/nodes/{node}/forget")
 async def forget(request: web.Request) -> web.Response:
     """A node that will not come back: its replica records are removed, so no view waits for it."""
@@ -79,6 +98,12 @@ async def forget(request: web.Request) -> web.Response:
         raise ApiError(409, str(exc)) from None
     except ClusterUnavailable as exc:
         raise ApiError(503, str(exc)) from None
+    etcd = request.app.get(ETCD_CLUSTER)
+    if etcd is not None:  # an embedded etcd cluster: the node's member goes too (its name is the node id)
+        try:
+            out["etcd_member"] = await etcd.forget(node)
+        except (EtcdUnavailable, ValueError) as exc:
+            out["etcd_member"] = {"error": str(exc)}
     pki = request.app.get(PKI)
     if pki is not None:  # with the cluster's own CA, a forgotten node can no longer connect
         try:

@@ -105,6 +105,14 @@ class PkiControl(Protocol):
     async def rotate_token(self) -> dict[str, Any]: ...
 
 
+class EtcdMembership(Protocol):
+    """The embedded etcd cluster (etcd_cluster.EmbeddedCluster): newcomers admitted, members forgotten."""
+
+    async def admit(self, node: Any, peer_urls: Any, client_urls: Any) -> dict[str, Any]: ...
+
+    async def forget(self, node: str) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class ApiDeps:
     node: Node
@@ -119,6 +127,7 @@ class ApiDeps:
     chunks: ChunkSource
     access: AutoAccess | None = None  # the cluster's own PKI: the API is locked, a cluster certificate is admin
     pki: PkiControl | None = None  # its state and operations (/api/v1/pki)
+    etcd_cluster: EtcdMembership | None = None  # this node runs an embedded etcd (members join through it)
 
 
 NODE = web.AppKey("node", Node)
@@ -127,4 +136,5 @@ EVENTS = web.AppKey("events", EventBus)
 VOLUMES = web.AppKey("volumes", HeldVolumeControl)
 REGISTRY: web.AppKey[Callable[[], VolumeRegistry | None]] = web.AppKey("registry")
 PKI = web.AppKey("pki", PkiControl)
+ETCD_CLUSTER = web.AppKey("etcd_cluster", EtcdMembership)
 INDEX: web.AppKey[Callable[[], LocalState]] = web.AppKey("index")
