@@ -337,19 +337,19 @@ class VolumeManager:
 
     async def revert(self, name: Any, path: str | None = None) -> dict[str, Any]:
         """Undo a receive-only replica's local changes (all, or one path)."""
-        return dict(await self._held(name).revert(path))
+        return dict(await self._held(name).local.revert(path))
 
     async def restore(self, name: Any, ids: Sequence[str], to: str = "") -> dict[str, Any]:
         """Kept versions of this node written back into the volume (published like any write)."""
         try:
-            return dict(await self._held(name).restore(ids, to))
+            return dict(await self._held(name).keeper.restore(ids, to))
         except ValueError as exc:
             raise VolumeError(str(exc)) from None
 
     async def override(self, name: Any) -> dict[str, Any]:
         """Publish this node's whole state of the volume over the cluster's."""
         try:
-            return dict(await self._held(name).override())
+            return dict(await self._held(name).local.override())
         except ValueError as exc:
             raise VolumeError(str(exc)) from None
 

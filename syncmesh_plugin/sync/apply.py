@@ -127,7 +127,7 @@ class Applier(Stage):
         kept: list[Version] = []
         for it in deletes:
             old = it.rec
-            vid, keep_as = self.vol.version_slot() if old is not None and old.kind == "file" else ("", "")
+            vid, keep_as = self.vol.keeper.version_slot() if old is not None and old.kind == "file" else ("", "")
             try:
                 removed = localfs.remove(self.root, it.rel, keep_as)
             except (OSError, PathError) as exc:
@@ -141,7 +141,7 @@ class Applier(Stage):
             it.rec = record_of(self.name, it.rel, it.m, None, it.rev)
             recs.append(it.rec)
         if kept:
-            self.vol.on_loop(self.vol.versions_kept, kept)
+            self.vol.on_loop(self.vol.keeper.versions_kept, kept)
         self.vol.on_loop(self.vol.kick.set)
         return recs
 

@@ -143,7 +143,8 @@ class Committer(Stage):
             recs = []
             for it, dfd, tmp in ready:
                 # With versioning on, the file being replaced is kept (hard-linked) in the version store.
-                vid, keep_as = self.vol.version_slot() if it.fs is not None and it.fs.kind == "file" else ("", "")
+                replaces_file = it.fs is not None and it.fs.kind == "file"
+                vid, keep_as = self.vol.keeper.version_slot() if replaces_file else ("", "")
                 try:
                     fs, old_fd = localfs.commit(dfd, tmp, it.rel, it.fs, keep_as)
                 except localfs.TargetChanged as exc:
@@ -166,7 +167,7 @@ class Committer(Stage):
 
         self.state.put_files(await asyncio.to_thread(rename_all))
         if kept:
-            self.vol.versions_kept(kept)
+            self.vol.keeper.versions_kept(kept)
         for it, old_fd in displaced:
             self.keep_displaced(it, old_fd)
         for it, seen in raced:

@@ -142,9 +142,9 @@ class Conflicts(Stage):
             copy, _ = await asyncio.to_thread(localfs.rename_local, self.root, it.rel,
                                               conflict_name(it.rel, stamp, self.ctx.node_id, self.name_taken),
                                               False, self.free_copy_name(it.rel, stamp))
-            self.vol.note_local_changes({copy}, {it.rel})
+            self.vol.local.note({copy}, {it.rel})
             self.record(it.rel, copy, it.m.origin, self.ctx.node_id)
         else:
-            self.vol.note_local_changes(set(), {it.rel})
+            self.vol.local.note(set(), {it.rel})
         self.state.delete_files(self.name, [it.rel])
         await self.vol.applier.apply([Pending(it.rel, it.m, it.rev)], resolving=True)

@@ -131,7 +131,7 @@ class Publisher(Stage):
             if self.vol.role is Role.RECEIVE_ONLY:
                 # Detected as always, kept and shown, never published (see sync/roles.py).
                 changed = {p for p in paths if locally_changed(recs.get(p), stats[p])}
-                self.vol.note_local_changes(changed, paths - changed)
+                self.vol.local.note(changed, paths - changed)
                 return
             now = time.time()
             node = self.ctx.node_id

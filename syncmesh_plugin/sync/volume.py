@@ -9,13 +9,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import chunker, localfs, metrics
 from ..ignore import IgnoreMatcher
-from ..manifest import ManifestError, decode
+from ..manifest import decode
 from ..meta import EtcdStore, EtcdUnavailable
 from ..pathsafe import is_internal_name, validate_relpath
 from ..volopts import VolumeOptions
@@ -24,15 +24,16 @@ from .apply import Applier
 from .commit import Committer, PartialFile
 from .conflict import Conflicts
 from .context import EngineContext
-from .decide import depth, differs, locally_changed
+from .decide import locally_changed
 from .fetch import Fetcher
 from .follow import Follower
 from .guard import DeleteGuard
-from .pending import Pending, record_of
+from .keep import Keeper
+from .local import LocalChanges
+from .pending import Pending
 from .publish import Publisher
 from .roles import Role, effective_role, parse_role
 from .scan import Scanner
-from .versions import Version, to_drop
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,6 @@ class VolumeSync:
         self.local_changes: set[str] = set()
         self.local_warned_at = 0.0
         self.remote_ignored: dict[str, int] = {}
-        self.versions_dir = os.path.join(self.base, "versions")  # outside _data: never seen, never synced
-        self.versions_added = False
-        self.pruning = False
         # The stages, in the order a change flows through them (see the package docstring).
         self.scanner = Scanner(self)
         self.publisher = Publisher(self)
@@ -107,6 +105,8 @@ class VolumeSync:
         self.applier = Applier(self)
         self.fetcher = Fetcher(self)
         self.committer = Committer(self)
+        self.keeper = Keeper(self)  # versions kept for undo
+        self.local = LocalChanges(self)  # a receive-only replica's local changes
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -126,7 +126,7 @@ class VolumeSync:
                        asyncio.create_task(self.publisher.run(), name=f"publish-{self.name}"),
                        asyncio.create_task(self.scanner.run(), name=f"rescan-{self.name}"),
                        asyncio.create_task(self.follower.retry_loop(), name=f"retry-{self.name}"),
-                       asyncio.create_task(self.versions_loop(), name=f"versions-{self.name}")]
+                       asyncio.create_task(self.keeper.versions_loop(), name=f"versions-{self.name}")]
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
 
@@ -181,78 +181,6 @@ class VolumeSync:
             return f"the volume directory {self.root} was replaced (device/inode changed)"
         return ""
 
-    # ---- versions kept for undo (sync/versions.py)
-    def version_slot(self) -> tuple[str, str]:
-        """A new version's id and where its file goes; ("", "") with versioning off. Worker threads."""
-        if self.options.versioning == "off":
-            return "", ""
-        os.makedirs(self.versions_dir, mode=0o700, exist_ok=True)
-        vid = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
-        return vid, os.path.join(self.versions_dir, vid)
-
-    def versions_kept(self, kept: list[Version]) -> None:
-        self.state.add_versions(self.name, kept)
-        self.versions_added = True
-        if self.options.versioning_max_bytes and not self.pruning:
-            # Over its cap the store is trimmed now, not at the next round.
-            self.pruning = True
-            asyncio.get_running_loop().create_task(self.prune_versions())
-
-    async def prune_versions(self) -> int:
-        """Enforce the volume's retention and byte cap on this node's version store."""
-        try:
-            o = self.options
-            drop = to_drop(self.state.versions(self.name), o.versioning, o.versions_keep, o.versioning_retention,
-                           o.versioning_max_bytes, time.time())
-            if drop:
-
-                def unlink_all() -> None:
-                    for v in drop:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(self.versions_dir, v))
-
-                await asyncio.to_thread(unlink_all)
-                self.state.delete_versions(self.name, drop)
-            n, size = self.state.version_stats(self.name)
-            metrics.versions_files.labels(self.name).set(n)
-            metrics.versions_bytes.labels(self.name).set(size)
-            return len(drop)
-        finally:
-            self.pruning = False
-
-    async def versions_loop(self) -> None:
-        """Retention is enforced every minute (and at once when a byte cap is crossed)."""
-        while True:
-            try:
-                await self.prune_versions()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the next round tries again
-                log.exception("volume %s: pruning kept versions failed", self.name)
-            await asyncio.sleep(60.0)
-
-    async def restore(self, ids: Sequence[str], to: str = "") -> dict[str, Any]:
-        """Write kept versions back into the volume as new local changes: published like any write, so
-        every node converges on them. `to`: another path (one version only)."""
-        if to and len(ids) != 1:
-            raise ValueError("--to restores one version at a time")
-        have = {v.id: v for v in self.state.versions(self.name)}
-        missing = [i for i in ids if i not in have]
-        if missing:
-            raise KeyError(f"no kept version {missing[0]} of volume {self.name} on this node")
-        target = validate_relpath(to) if to else ""
-        restored: list[dict[str, Any]] = []
-        for vid in ids:
-            v = have[vid]
-            rel = target or v.path
-            await asyncio.to_thread(localfs.restore_copy, self.root, rel, os.path.join(self.versions_dir, vid))
-            self.dirty.add(rel)
-            restored.append({"id": vid, "path": rel, "from": v.path, "at": v.at, "size": v.size})
-        self.kick.set()
-        log.warning("volume %s: %d kept version(s) restored (%s)", self.name, len(restored),
-                    ", ".join(r["path"] for r in restored[:5]), extra={"volume": self.name})
-        return {"volume": self.name, "node": self.ctx.node_id, "restored": restored}
-
     @property
     def role(self) -> Role:
         return effective_role(self.ctx.node_id, self.options.writers, self.role_override)
@@ -263,79 +191,6 @@ class VolumeSync:
         self.state.set_meta(f"role:{self.name}", role.value if role else "")
         log.info("volume %s: this node's replica is now %s", self.name, self.role, extra={"volume": self.name})
         self.scanner.rescan_soon()  # what changed meanwhile is published, or kept as local changes
-
-    def note_local_changes(self, changed: set[str], unchanged: set[str]) -> None:
-        """A receive-only replica's edits: kept, shown, warned about once a minute (never per file)."""
-        self.local_changes |= changed
-        self.local_changes -= unchanged
-        metrics.local_changes.labels(self.name).set(len(self.local_changes))
-        if changed and time.monotonic() - self.local_warned_at >= 60:
-            self.local_warned_at = time.monotonic()
-            log.warning("volume %s: %d local change(s) on a receive-only replica are kept here and not published "
-                        "(e.g. %s); `syncmesh-plugin revert %s` takes the cluster's version back", self.name,
-                        len(self.local_changes), sorted(self.local_changes)[0], self.name, extra={"volume": self.name})
-
-    async def revert(self, path: str | None = None) -> dict[str, Any]:
-        """Syncthing's "Revert Local Changes": local additions go, the cluster's version of what was
-        changed or deleted here comes back."""
-        if path is None:
-            await self.scanner.rescan("revert")  # the local changes as the disk has them now
-        async with self.lock:
-            todo = set(self.local_changes) if path is None else {validate_relpath(path)}
-            recs = self.state.files_for(self.name, todo)
-            added = sorted((p for p in todo if (r := recs.get(p)) is None or r.kind == "deleted"), key=depth,
-                           reverse=True)
-            removed = await asyncio.to_thread(lambda: [p for p in added if localfs.remove(self.root, p)])
-            back: list[Pending] = []
-            for p in sorted(todo - set(added)):
-                kv = await self.store.get_file(self.name, p)
-                if kv is not None:
-                    back.append(Pending(p, decode(kv.value), kv.mod_revision))
-            if back:
-                await self.applier.apply(back, resolving=True)
-            self.note_local_changes(set(), todo)
-        log.warning("volume %s: local changes reverted: %d addition(s) removed, %d path(s) taken back from the "
-                    "cluster", self.name, len(removed), len(back), extra={"volume": self.name})
-        return {"volume": self.name, "removed": len(removed), "restored": len(back)}
-
-    async def override(self) -> dict[str, Any]:
-        """Syncthing's "Override Changes": this node's whole state is published over the cluster's. Each
-        path etcd has that differs here gets its published revision as the base of a new publish (the
-        path itself, or a tombstone when it is gone here); the mass-deletion guard judges as always."""
-        if self.role is Role.RECEIVE_ONLY:
-            raise ValueError(f"volume {self.name}: this node's replica is receive-only; it publishes nothing")
-        store = self.store
-        queued = 0
-        async with self.lock:
-            _, pages = await store.read_files(self.name, page=2048)
-            async for page in pages:
-                items = [(store.path_of(self.name, kv.key), kv) for kv in page]
-                stats = await asyncio.to_thread(lambda rels: {rel: localfs.lstat(self.root, rel) for rel in rels},
-                                                [rel for rel, _ in items])
-                recs = self.state.files_for(self.name, [rel for rel, _ in items])
-                adopt = []
-                for rel, kv in items:
-                    try:
-                        remote = decode(kv.value)
-                    except ManifestError:
-                        continue
-                    fs, rec = stats[rel], recs.get(rel)
-                    same = (fs is not None and rec is not None and not differs(rec, fs) and rec.kind == remote.kind
-                            and rec.digest == remote.digest and rec.target == remote.target)
-                    if same or (fs is None and remote.kind == "deleted"):
-                        if rec is not None:
-                            adopt.append(replace(rec, rev=kv.mod_revision))
-                        continue
-                    # The base of our publish is what etcd holds now; inode 0 makes the path differ.
-                    adopt.append(record_of(self.name, rel, remote, None, kv.mod_revision))
-                    self.dirty.add(rel)
-                    queued += 1
-                self.state.put_files(adopt)
-            self.remote_ignored.clear()
-        self.scanner.rescan_soon()  # and whatever exists only here
-        log.warning("volume %s: overriding the cluster with this node's state (%d path(s) differ)", self.name, queued,
-                    extra={"volume": self.name})
-        return {"volume": self.name, "queued": queued}
 
     @property
     def paused(self) -> str:

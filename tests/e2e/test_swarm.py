@@ -119,6 +119,32 @@ def test_stack_failover_on_drain(swarm: Swarm, workdir: Path, unique: str) -> No
     assert fo.read == fo.written
 
 
+def test_stack_failover_with_replicas_all(swarm: Swarm, workdir: Path, unique: str) -> None:
+    """With replicas=all every node holds a complete copy before the drain: the moved task's Mount
+    has nothing to wait for."""
+
+    def every_node_complete(sw: Swarm, writer: SwarmNode) -> None:
+        def complete() -> bool:
+            for node in sw.nodes:
+                vol = node.api(f"/api/v1/volumes/{volume}")
+                sync = vol["sync"]
+                if not (sync.get("held") and sync.get("ready") and sync.get("files", 0) >= 22
+                        and sync.get("deferred", 1) == 0):
+                    return False
+            return True
+
+        wait_for(complete, 60, "every node to hold a complete replica (replicas=all)", interval=0.3)
+
+    volume = f"{unique}-all"
+    fo = stack_failover(swarm, workdir, f"sa{unique[-6:]}", volume, {"replicas": "all"}, every_node_complete)
+    TIMINGS["swarm failover replicas=all: drain -> new task read all"] = fo.seconds
+    TIMINGS["swarm failover replicas=all: new container created -> started"] = fo.start_seconds
+    NOTES["swarm failover replicas=all"] = (f"{fo.from_node!r} drained -> task on {fo.to_node!r} read {len(fo.read)} "
+                                            f"files in {fo.seconds:.1f}s (container start, Mount included: "
+                                            f"{fo.start_seconds:.1f}s)")
+    assert fo.to_node is not fo.from_node and fo.read == fo.written
+
+
 def test_service_create_with_volume_driver(swarm: Swarm, unique: str) -> None:
     """`docker service create --mount type=volume,...,volume-driver=syncmesh` in global mode: a task on each
     node writes its own file and sees the other nodes' files."""

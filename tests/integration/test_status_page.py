@@ -70,7 +70,7 @@ EVENTS = "document.getElementById('events').innerText"
 async def test_status_page_shows_live_events(cluster, volume, tmp_path):
     binary = _chromium()
     a, b = cluster("n1"), cluster("n2")
-    a.ok("VolumeDriver.Create", {"Name": volume, "Opts": {"conflict_resolution": "timestamp"}})
+    a.ok("VolumeDriver.Create", {"Name": volume, "Opts": {"conflict_resolution": "timestamp", "versioning": "trash"}})
     b.mount(volume)
     write(a.vol(volume) / "reports/q1.csv", "a,b\n1,2\n")
     write(a.vol(volume) / "images/logo.bin", os.urandom(200_000))
@@ -107,6 +107,11 @@ async def test_status_page_shows_live_events(cluster, volume, tmp_path):
                 await cdp.until("document.getElementById('conv').innerText.includes('converged')")
                 await cdp.until("!document.getElementById('conv').innerText.includes('behind')", 10)
                 assert "in sync" in await cdp.js("document.getElementById('sync').innerText")
+                # n2 replaces a file n1 wrote: n1 keeps the old version, and its page lists it
+                write(b.vol(volume) / "reports/q1.csv", "a,b\n3,4\n")
+                kept = await cdp.until("document.getElementById('versions').innerText.includes('q1.csv') && "
+                                       "document.getElementById('versions').innerText")
+                assert "replaced" in kept and "n2" in kept
                 shot = await cdp.call("Page.captureScreenshot", format="png")
     finally:
         proc.terminate()
