@@ -306,6 +306,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.pki.run(), name="pki"))
         assert self.manager is not None  # made by start() before this loop
         self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
+        self._tasks.append(asyncio.create_task(self.manager.trash_loop(), name="trash"))
 
     async def _start_embedded(self) -> None:
         """The embedded etcd: alone, a member of the cluster this node joined (`join`), or none at all when the

@@ -58,7 +58,9 @@ class Engine:
         except TimeoutError:
             return False
 
-    async def detach(self, name: str, delete_data: bool) -> None:
+    async def detach(self, name: str, delete_data: bool, trash_to: str = "") -> None:
+        """Stop syncing the volume here; with `delete_data` forget it and delete its data, or move the
+        data to `trash_to` (same file system) so that `undelete` can bring it back."""
         vs = self.volumes.pop(name, None)
         if vs is not None:
             await vs.stop()
@@ -66,7 +68,11 @@ class Engine:
         if delete_data:
             self.ctx.state.unhold(name)
             base = os.path.join(self.ctx.data_root, "volumes", name)
-            await asyncio.to_thread(shutil.rmtree, base, True)
+            if trash_to and os.path.isdir(base):
+                os.makedirs(os.path.dirname(trash_to), mode=0o700, exist_ok=True)
+                await asyncio.to_thread(os.rename, base, trash_to)
+            else:
+                await asyncio.to_thread(shutil.rmtree, base, True)
 
     async def read_chunk(self, volume: str, chunk_id: str) -> bytes | None:
         vs = self.volumes.get(volume)

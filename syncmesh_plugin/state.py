@@ -192,10 +192,14 @@ class LocalState:
         self.db.execute("UPDATE held SET revision=? WHERE volume=? AND revision < ?", (revision, volume, revision))
 
     def unhold(self, volume: str) -> None:
+        """Forget everything this node knew of the volume: a volume created again under the same name
+        starts from nothing (its first Mount waits for a whole copy again)."""
         with self.db:
             self.db.execute("BEGIN")
-            for table in ("held", "files", "chunks", "mounts", "conflicts"):
+            for table in ("held", "files", "chunks", "mounts", "conflicts", "versions"):
                 self.db.execute(f"DELETE FROM {table} WHERE volume=?", (volume,))
+            self.db.executemany("DELETE FROM meta WHERE key=?",
+                                [(f"{k}:{volume}",) for k in ("complete", "held_since", "role", "root")])
 
     # ---- file index
     def file(self, volume: str, path: str) -> FileRecord | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -29,6 +31,8 @@ from .sync.roles import parse_role
 from .volopts import VolumeError, VolumeOptions, parse_options, validate_name
 
 log = logging.getLogger(__name__)
+
+TRASH_RECORD = "removed.json"  # in a trashed copy: the volume's record and when it was removed
 
 
 class ClusterUnavailable(RuntimeError):
@@ -264,10 +268,112 @@ class VolumeManager:
         if m is not None:
             m.forget(m.store.keys.holders_prefix(name))
             m.forget(m.store.keys.mounts_prefix(name))
-        await self.engine.detach(name, delete_data=True)
+        record = self.state.volume(name) or {}
+        options = VolumeOptions.from_json(record.get("options", {}))
+        trash_to = ""
+        if options.versioning != "off" and name in self.state.held():
+            # Removal with a way back: this node's copy waits in the trash for the retention.
+            trash_to = os.path.join(self.trash_root, f"{name}.{time.time_ns():x}")
+        await self.engine.detach(name, delete_data=True, trash_to=trash_to)
+        if trash_to and os.path.isdir(trash_to):
+            with open(os.path.join(trash_to, TRASH_RECORD), "w") as fh:
+                json.dump({"name": name, "record": record, "removed_at": time.time()}, fh)
         self.state.clear_mounts(name)
         self.state.delete_volume(name)
-        log.info("volume %s removed on this node", name, extra={"volume": name})
+        log.info("volume %s removed on this node%s", name, " (its copy kept in the trash: syncmesh-plugin undelete "
+                 f"{name})" if trash_to else "", extra={"volume": name})
+
+    # ---- removal with a way back (versioning on): the trash, undelete, purge
+    @property
+    def trash_root(self) -> str:
+        return os.path.join(self.data_root, "trash")
+
+    def _trash_entries(self) -> builtins.list[dict[str, Any]]:
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.listdir(self.trash_root)):
+                d = os.path.join(self.trash_root, entry)
+                try:
+                    with open(os.path.join(d, TRASH_RECORD)) as fh:
+                        meta = json.load(fh)
+                except (OSError, ValueError):
+                    continue
+                files = size = 0
+                for where, _dirs, names in os.walk(os.path.join(d, "_data")):
+                    for n in names:
+                        files += 1
+                        with contextlib.suppress(OSError):
+                            size += os.lstat(os.path.join(where, n)).st_size
+                out.append({"name": meta.get("name", ""), "entry": entry, "removed_at": meta.get("removed_at", 0.0),
+                            "options": meta.get("record", {}).get("options", {}), "files": files, "bytes": size,
+                            "node": self.node_id})
+        return out
+
+    async def trash(self) -> builtins.list[dict[str, Any]]:
+        """The removed volumes whose copy this node keeps, newest first."""
+        return sorted(await asyncio.to_thread(self._trash_entries), key=lambda e: -e["removed_at"])
+
+    async def purge(self, name: Any) -> dict[str, Any]:
+        """Delete this node's trashed copies of a removed volume, for good."""
+        name = validate_name(name)
+        gone = [e["entry"] for e in await self.trash() if e["name"] == name]
+        for entry in gone:
+            await asyncio.to_thread(shutil.rmtree, os.path.join(self.trash_root, entry), True)
+        return {"volume": name, "node": self.node_id, "purged": len(gone)}
+
+    async def undelete(self, name: Any) -> dict[str, Any]:
+        """Recreate a removed volume with its options from this node's newest trashed copy, and put the
+        copy back: every file is published again, so every node holding the volume gets it."""
+        name = validate_name(name)
+        entries = [e for e in await self.trash() if e["name"] == name]
+        if not entries:
+            raise VolumeError(f"no trashed copy of volume {name} on this node ({self.node_id})")
+        entry = entries[0]
+        store = await self._store_soon()
+        async with self._locks[name]:
+            record = {"name": name, "options": entry["options"], "created_by": self.node_id,
+                      "created_at": time.time(), "undeleted_from": entry["removed_at"]}
+            try:
+                created, _ = await store.create_volume(name, dumps(record))
+            except EtcdUnavailable as exc:
+                raise ClusterUnavailable(str(exc)) from None
+            if not created:
+                raise VolumeError(f"volume {name} exists again: remove it or undelete under another name first")
+            self.state.put_volume(name, record, 0)
+            self.state.set_meta(f"complete:{name}", "1")  # like a Create: the copy comes from here
+            await self._hold(name, record)
+            src = os.path.join(self.trash_root, entry["entry"])
+
+            def put_back() -> int:
+                data = os.path.join(src, "_data")
+                moved = 0
+                for n in os.listdir(data) if os.path.isdir(data) else []:
+                    os.rename(os.path.join(data, n), os.path.join(self.mountpoint(name), n))
+                    moved += 1
+                shutil.rmtree(src, True)
+                return moved
+
+            await asyncio.to_thread(put_back)
+            self.engine.volumes[name].scanner.rescan_soon()
+        log.warning("volume %s undeleted from this node's trash (%d files, removed %s)", name, entry["files"],
+                    _rfc3339(entry["removed_at"]), extra={"volume": name})
+        return {"volume": name, "node": self.node_id, "files": entry["files"], "bytes": entry["bytes"]}
+
+    async def trash_loop(self, interval: float = 3600.0) -> None:
+        """Trashed copies older than their volume's versioning retention go."""
+        while True:
+            try:
+                now = time.time()
+                for e in await self.trash():
+                    keep = float(VolumeOptions.from_json(e["options"]).versioning_retention)
+                    if now - e["removed_at"] > keep:
+                        await asyncio.to_thread(shutil.rmtree, os.path.join(self.trash_root, e["entry"]), True)
+                        log.info("volume %s: trashed copy expired and deleted", e["name"], extra={"volume": e["name"]})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("trash retention failed; trying again later")
+            await asyncio.sleep(interval)
 
     # ---- replicas: held ahead of mounts, released by an operator
     async def hold(self, name: Any, role: str | None = None) -> dict[str, Any]:

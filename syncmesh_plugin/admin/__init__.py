@@ -16,6 +16,7 @@ from .client import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEM, EXIT_UNREACHABLE, Client
 COMMANDS: list[click.Command] = [node.status, cluster.nodes, cluster.watch, cluster.forget, volumes.volumes,
                                  volumes.inspect, volumes.conflicts, volumes.resume, volumes.resync, volumes.hold,
                                  volumes.release, volumes.revert, volumes.override, files.files, files.verify,
-                                 versions.versions, versions.restore, versions.versioning, pki.ca, pki.token]
+                                 versions.versions, versions.restore, versions.versioning,
+                                 versions.trash, versions.undelete, versions.purge, pki.ca, pki.token]
 
 __all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEM", "EXIT_UNREACHABLE", "Client"]

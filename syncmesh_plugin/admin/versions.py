@@ -1,5 +1,6 @@
 """Undo: `versions` (what every live replica keeps), `restore` (a version, or a tree as it was at a
-time, published as a new change) and `versioning` (change a volume's versioning later)."""
+time, published as a new change), `versioning` (change a volume's versioning later), and for removed
+volumes `trash`, `undelete` and `purge`."""
 
 from __future__ import annotations
 
@@ -156,4 +157,70 @@ def versioning(c: Client, as_json: bool, volume: str, mode: str, keep: int | Non
             f", keep {o.get('versions_keep')}, retention {o.get('versioning_retention', 0) / 86400:g}d, "
             f"cap {human_bytes(o.get('versioning_max_bytes', 0)) if o.get('versioning_max_bytes') else 'none'}"
             if o.get("versioning", "off") != "off" else ""))
+    return 0
+
+
+def _trash_everywhere(c: Client) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str]]:
+    """Every live node's trashed copies; the nodes not reached; node -> its address."""
+    nodes = {n["node_id"]: n["advertise"] for n in c.must("GET", "/api/v1/cluster/nodes")["nodes"]}
+    found: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for node, url in sorted(nodes.items()):
+        code, data = c.for_node(url).request("GET", "/api/v1/trash", exit_on_error=False)
+        if code == 200:
+            found.extend(data["trash"])
+        else:
+            failed[node] = str(data.get("error", code) if isinstance(data, dict) else code)
+    return found, failed, nodes
+
+
+@admin_command()
+def trash(c: Client, as_json: bool) -> int:
+    """Removed volumes (with versioning on) whose copies live nodes keep, and how complete each is."""
+    found, failed, _ = _trash_everywhere(c)
+    if as_json:
+        emit_json({"trash": found, "unreachable": failed})
+        return 0
+    for node, err in failed.items():
+        click.echo(f"{node}: unreachable: {err}", err=True)
+    if not found:
+        click.echo("no removed volumes are kept (removal keeps a copy only with versioning on)")
+        return 0
+    rows: list[tuple[Any, ...]] = [("VOLUME", "NODE", "REMOVED", "FILES", "BYTES")]
+    for e in sorted(found, key=lambda e: (e["name"], -e["files"])):
+        rows.append((e["name"], e["node"], _when(e["removed_at"]), e["files"], human_bytes(e["bytes"])))
+    table(rows)
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+def undelete(c: Client, as_json: bool, volume: str) -> int:
+    """Create a removed VOLUME again with its options, from the most complete trashed copy (then every
+    node holding it gets the data)."""
+    found, _, nodes = _trash_everywhere(c)
+    copies = sorted((e for e in found if e["name"] == volume), key=lambda e: (-e["files"], -e["bytes"]))
+    if not copies:
+        click.echo(f"syncmesh-plugin: no live node keeps a trashed copy of {volume}", err=True)
+        return EXIT_PROBLEM
+    best = copies[0]
+    data = c.for_node(nodes[best["node"]]).must("POST", f"/api/v1/trash/{q(volume)}/undelete")
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"volume {volume}: undeleted from {data['node']}'s copy ({data['files']} files, "
+                   f"{human_bytes(data['bytes'])}); other nodes get it as they hold it")
+    return 0
+
+
+@admin_command()
+@click.argument("volume")
+def purge(c: Client, as_json: bool, volume: str) -> int:
+    """Delete every live node's trashed copies of a removed VOLUME, for good."""
+    _, _, nodes = _trash_everywhere(c)
+    results = [c.for_node(url).must("POST", f"/api/v1/trash/{q(volume)}/purge") for url in nodes.values()]
+    if as_json:
+        emit_json({"results": results})
+    else:
+        click.echo(f"volume {volume}: {sum(r['purged'] for r in results)} trashed copy(ies) deleted")
     return 0

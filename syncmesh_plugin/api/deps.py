@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,6 +85,12 @@ class VolumeRegistry(Protocol):
     async def restore(self, name: str, ids: Sequence[str], to: str = "") -> dict[str, Any]: ...
 
     async def set_options(self, name: str, changes: dict[str, str]) -> dict[str, Any]: ...
+
+    async def trash(self) -> builtins.list[dict[str, Any]]: ...
+
+    async def undelete(self, name: str) -> dict[str, Any]: ...
+
+    async def purge(self, name: str) -> dict[str, Any]: ...
 
     async def release(self, name: str) -> dict[str, Any]: ...
 

@@ -187,3 +187,29 @@ async def set_options(request: web.Request) -> web.Response:
         raise ApiError(400, str(exc)) from None
     except ClusterUnavailable as exc:
         raise ApiError(503, str(exc)) from None
+
+
+@routes.get("/api/v1/trash")
+async def trash(request: web.Request) -> web.Response:
+    """Removed volumes (versioning on) whose copy this node keeps for the retention."""
+    return web.json_response({"node": request.app[NODE].node_id, "trash": await registry(request).trash()})
+
+
+@routes.post("/api/v1/trash/{name}/undelete")
+async def undelete(request: web.Request) -> web.Response:
+    """The volume created again with its options, and this node's trashed copy put back (published)."""
+    try:
+        return web.json_response(await registry(request).undelete(request.match_info["name"]))
+    except VolumeError as exc:
+        raise ApiError(409, str(exc)) from None
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
+
+
+@routes.post("/api/v1/trash/{name}/purge")
+async def purge(request: web.Request) -> web.Response:
+    """This node's trashed copies of the volume deleted for good."""
+    try:
+        return web.json_response(await registry(request).purge(request.match_info["name"]))
+    except VolumeError as exc:
+        raise ApiError(400, str(exc)) from None

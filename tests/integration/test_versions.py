@@ -110,3 +110,30 @@ def test_retention_by_count_and_bytes_and_a_change_after_create(cluster, volume)
     write(n1.vol(volume) / "f.txt", "version 9")
     wait_for(lambda: (n2.vol(volume) / "f.txt").read_text() == "version 9", 10)
     assert len(_versions(n2, volume)) == 3  # nothing new kept (the old ones go with the next minute's round)
+
+
+def test_a_removed_volume_is_undeleted_from_the_most_complete_copy(cluster, volume):
+    n1, n2 = cluster("n1"), cluster("n2")
+    n1.ok("VolumeDriver.Create", {"Name": volume, "Opts": {"versioning": "trash", "conflict_resolution": "size"}})
+    n1.mount(volume, "m1")
+    n2.mount(volume, "m2")
+    for i in range(12):
+        write(n1.vol(volume) / f"d/f{i}.txt", f"file {i}")
+    before = converged([n1, n2], volume, expect=lambda t: "d/f11.txt" in t)
+    for n, mid in ((n1, "m1"), (n2, "m2")):
+        n.ok("VolumeDriver.Unmount", {"Name": volume, "ID": mid})
+    n1.ok("VolumeDriver.Remove", {"Name": volume})  # docker volume rm: gone on every node ...
+    wait_for(lambda: not n2.vol(volume).exists(), 20, what="the removal on n2")
+    listing = json.loads(_cli(n1, "trash", "--json").stdout)["trash"]
+    assert {(e["name"], e["node"], e["files"]) for e in listing} == {(volume, "n1", 12), (volume, "n2", 12)}
+    got = _cli(n2, "undelete", volume)  # ... and back, with its options
+    assert got.returncode == 0, got.stderr + got.stdout
+    vol = n1.ok("VolumeDriver.Get", {"Name": volume})["Volume"]
+    assert vol["Status"]["options"]["conflict_resolution"] == "size"
+    n1.mount(volume, "m3")
+    n2.mount(volume, "m4")  # whichever node's copy was used, the other gets the data
+    converged([n1, n2], volume, expect=lambda t: t == before)
+    # purge: the trashed copy that was not used goes for good
+    got = _cli(n1, "purge", volume)
+    assert got.returncode == 0 and "1 trashed copy(ies) deleted" in got.stdout, got.stdout + got.stderr
+    assert json.loads(_cli(n1, "trash", "--json").stdout)["trash"] == []
