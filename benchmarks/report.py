@@ -27,9 +27,20 @@ def render(data: dict[str, Any]) -> str:
         names.setdefault(_key(r["workload"]), r["workload"])
     lines = [f"Run of {data['when']} on this machine (2 cores, all {data['nodes']} nodes of each system on one "
              f"host{', quick sizes' if data.get('quick') else ''}); convergence verified by content digests.", "",
-             "| workload | syncmesh | Syncthing | speed-up | syncmesh peer MiB | syncmesh peak RSS MB |",
-             "|---|---|---|---|---|---|"]
-    for k in sorted(by, key=lambda x: int(x) if x.isdigit() else 99):
+             "| workload | syncmesh | Syncthing | speed-up | limit (same writes, this disk) | syncmesh of limit | "
+             "CPU s / 1k files (syncmesh / Syncthing) | syncmesh peer MiB | syncmesh peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def order(k: str) -> tuple[int, str]:
+        digits = "".join(ch for ch in k if ch.isdigit())
+        return (int(digits) if digits else 99, k)
+
+    def per_1k(r: dict[str, Any] | None) -> str:
+        if not r or not r.get("files") or r.get("error"):
+            return "-"
+        return f"{r['cpu_s_total'] / r['files'] * 1000:.2f}"
+
+    for k in sorted(by, key=order):
         sm, st = by[k].get("syncmesh"), by[k].get("syncthing")
 
         def cell(r: dict[str, Any] | None) -> str:
@@ -52,7 +63,12 @@ def render(data: dict[str, Any]) -> str:
                 a, b = sm["seconds"], st["seconds"]
             if a and b:
                 ratio = f"{b / a:.1f}x" + (" fewer bytes" if k == "9" else "")
-        lines.append(f"| {names[k]} | {cell(sm)} | {cell(st)} | {ratio} | "
+        limit = share = ""
+        if sm and sm.get("limit_s") and not sm.get("error"):
+            limit = f"{sm['limit_s']:.2f} s"
+            share = f"{sm['limit_s'] / sm['seconds'] * 100:.0f} %"
+        cpu = f"{per_1k(sm)} / {per_1k(st)}" if (sm or {}).get("files") else ""
+        lines.append(f"| {names[k]} | {cell(sm)} | {cell(st)} | {ratio} | {limit} | {share} | {cpu} | "
                      f"{(sm or {}).get('peer_bytes', 0) / 2**20:.1f} | {(sm or {}).get('peak_rss_mb', 0):.0f} |")
     return "\n".join(lines)
 

@@ -36,6 +36,10 @@ class System:
         """The daemon process of each node (for RSS and CPU)."""
         raise NotImplementedError
 
+    def aux_pids(self) -> list[int]:
+        """Processes the system needs besides its daemons (etcd): counted in the total CPU."""
+        return []
+
     def peer_bytes(self) -> int:
         """Bytes sent between peers so far (file data on the wire, all nodes added up)."""
         raise NotImplementedError
@@ -119,6 +123,9 @@ class Syncmesh(System):
 
     def pids(self) -> list[int]:
         return [nd.proc.pid for nd in self.nodes if nd.proc is not None]
+
+    def aux_pids(self) -> list[int]:
+        return [self.etcd.proc.pid] if self.etcd is not None and self.etcd.proc is not None else []
 
     def peer_bytes(self) -> int:
         total = self._restarted_bytes  # counters of a restarted daemon start again at 0
