@@ -568,6 +568,7 @@ class VolumeManager:
     async def sync_registry(self) -> int:
         """Replace the local copy with etcd's registry; returns the revision read."""
         store = self._store()
+        before = set(self.state.volumes())
         rev, kvs = await store.volume_records()
         records: dict[str, tuple[dict[str, Any], int]] = {}
         for name, kv in kvs:
@@ -575,7 +576,12 @@ class VolumeManager:
                 records[validate_name(name)] = (loads(kv.value), kv.mod_revision)
             except (ValueError, VolumeError):
                 log.warning("ignoring malformed volume record %r", kv.key[:200])
-        gone = set(self.state.volumes()) - set(records)
+        # A volume created on this node while the registry was being read is not in what was read: it stays
+        # (dropping it would fail the Remove or Mount that follows its Create; the watch from `rev` brings it).
+        for name, rec in self.state.volumes().items():
+            if name not in before and name not in records:
+                records[name] = (rec, 0)
+        gone = before - set(records)
         self.state.replace_volumes(records)
         for name in gone:
             await self._drop_local(name)
