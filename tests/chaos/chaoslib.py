@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncmesh_plugin.devcluster import Etcd, Node, wait_for
+from syncmesh_plugin.devcluster import Etcd, EtcdCluster, Node, wait_for
 from syncmesh_plugin.devcluster import tree as _tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
@@ -152,6 +152,57 @@ class Writer(threading.Thread):
             except Exception as exc:  # never let the workload die silently
                 self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
             self.stop_evt.wait(self.rng.uniform(*self.pause))
+
+
+# ---------------------------------------------------------------------------------------------- docker calls
+@dataclass
+class Call:
+    node: str
+    method: str
+    t0: float  # monotonic
+    seconds: float
+    error: str  # "" when the call succeeded
+
+
+class DockerProber(threading.Thread):
+    """Docker calls on one node in a loop, as dockerd makes them while containers come and go: Create and Remove
+    of a volume of its own, Mount and Unmount of the scenario's volume, Get, List. Every call is recorded (start,
+    duration, error), so a scenario can tell the longest call during its fault and any error."""
+
+    def __init__(self, node: Node, volume: str, pause: float = 0.2) -> None:
+        super().__init__(name=f"docker-{node.name}", daemon=True)
+        self.node = node
+        self.volume = volume
+        self.pause = pause
+        self.calls: list[Call] = []
+        self.stop_evt = threading.Event()
+
+    def call(self, method: str, body: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        try:
+            code, data = self.node.docker(method, body)
+            err = str(data.get("Err") or "") or ("" if code == 200 else f"HTTP {code}")
+        except Exception as exc:  # the socket gone (a killed daemon) counts as an error too
+            err = f"{type(exc).__name__}: {exc}"
+        self.calls.append(Call(self.node.name, method, t0, time.monotonic() - t0, err))
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop_evt.is_set():
+            i += 1
+            own = f"probe{self.node.name}x{os.getpid() % 1000}x{i}"
+            mid = uuid.uuid4().hex
+            self.call("VolumeDriver.Create", {"Name": own})
+            self.call("VolumeDriver.Mount", {"Name": self.volume, "ID": mid})
+            self.call("VolumeDriver.Get", {"Name": self.volume})
+            self.call("VolumeDriver.Unmount", {"Name": self.volume, "ID": mid})
+            self.call("VolumeDriver.Remove", {"Name": own})
+            self.call("VolumeDriver.List", {})
+            self.stop_evt.wait(self.pause)
+
+    def stop(self) -> None:
+        self.stop_evt.set()
+        self.join(150)
 
 
 # ---------------------------------------------------------------------------------------------- checker
@@ -312,7 +363,7 @@ class ChaosNetwork(Network):
     _made = 0
 
     def __init__(self, count: int) -> None:
-        super().__init__(count)
+        super().__init__(count, subnet=ChaosNetwork.SUBNET)  # not e2e's 10.231.77: a concurrent `make e2e` uses it
         ChaosNetwork._made += 1
         tag = f"{os.getpid() % 100:02d}{ChaosNetwork._made % 1000:03d}"  # names stay within IFNAMSIZ (15)
         self.bridge = f"{NS_PREFIX}{tag}br"
@@ -398,6 +449,27 @@ def sigcont(n: Node) -> None:
             n.proc.send_signal(signal.SIGCONT)
 
 
+def embedded_etcd_pid(n: Node) -> int | None:
+    """The pid of a node's embedded etcd, found by its data directory (never by a process name)."""
+    data = str(n.data_root / "etcd" / "data").encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if data in args and args[0].endswith(b"etcd"):
+            return int(d)
+    return None
+
+
+def ns_iptables(netns: str, *rule: str, add: bool = True) -> None:
+    """An iptables rule inside a namespace this suite made (never the host's tables)."""
+    run(["ip", "netns", "exec", netns, "iptables", "-A" if add else "-D", *rule], check=add)
+
+
 def log_lines(n: Node, *needles: str, limit: int = 8) -> list[str]:
     out = [ln for ln in n.log().splitlines() if any(x in ln for x in needles)]
     return out[:limit]
@@ -412,7 +484,7 @@ class Scenario:
     """
 
     def __init__(self, name: str, seed: int, tmp: Path, n: int = 3, net: ChaosNetwork | None = None,
-                 pre_start: Any = None, **env: str) -> None:
+                 pre_start: Any = None, members: int = 1, embedded: bool = False, **env: str) -> None:
         self.name = name
         self.seed = seed
         self.rng = random.Random(f"{name}-{seed}")
@@ -425,34 +497,88 @@ class Scenario:
         self.post: list[tuple[Any, str, str]] = []
         self.mounts: list[Path] = []
         self.writers: list[Writer] = []
+        self.fault_start = 0.0
         self.fault_end = 0.0
         self.converge_timeout = 60.0
+        self.probers: list[DockerProber] = []
+        self.docker_must_succeed = False  # a Docker call failing during the fault breaks the run
+        self.gone: list[Node] = []  # hosts lost for good: left out of the checks (still cleaned up)
+        self.embedded = embedded
         env = {"SYNCMESH_SYNC_MOUNT_TIMEOUT": "10s", "PYTHONUNBUFFERED": "1", **env}
         (tmp / "etcd").mkdir(parents=True, exist_ok=True)
-        self.etcd: Etcd = BridgeEtcd(tmp / "etcd", net.gateway) if net else Etcd(tmp / "etcd")
+        self.etcd: Etcd | EtcdCluster | None
+        if embedded:
+            self.etcd = None  # every node runs a member of the embedded cluster (n2, n3 join n1)
+        elif members > 1:
+            # members in namespaces of their own (after the daemons') when there is a network: a member can be
+            # black-holed there; each daemon talks to its own member first (node i: member i)
+            hosts = [net.addr(n + j) for j in range(1, members + 1)] if net else None
+            self.etcd = EtcdCluster(tmp / "etcd", members, hosts=hosts)
+            if net:
+                for j, m in enumerate(self.etcd.members):
+                    m.command_prefix = ["nsenter", f"--net=/run/netns/{net.ns[n + j]}"]
+        else:
+            self.etcd = BridgeEtcd(tmp / "etcd", net.gateway) if net else Etcd(tmp / "etcd")
         prefix = f"/chaos{uuid.uuid4().hex[:8]}"
+        self.prefix = prefix
+
+        def env_of(i: int) -> dict[str, str]:
+            if isinstance(self.etcd, EtcdCluster):
+                return {**env, "SYNCMESH_ETCD_ENDPOINTS": self.etcd.endpoints_from(i - 1)}
+            return env
+
         if net:
             self.nodes: list[Node] = [NsNode(tmp, f"n{i}", self.etcd, prefix, netns=net.ns[i - 1], ip=net.addr(i),
-                                             **env) for i in range(1, n + 1)]
+                                             **env_of(i)) for i in range(1, n + 1)]
         else:
-            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, **env) for i in range(1, n + 1)]
+            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, **env_of(i)) for i in range(1, n + 1)]
         self.pre_start = pre_start
 
     def start(self) -> Scenario:
         log(f"{self.name} seed {self.seed}: starting etcd and {len(self.nodes)} daemons")
-        self.etcd.start()
+        if self.etcd is not None:
+            self.etcd.start()
         if self.pre_start:
             self.pre_start(self)
-        for nd in self.nodes:
-            nd.start(wait=False)
-        for nd in self.nodes:
-            nd.wait_healthy(30)
+        if self.embedded:
+            self._start_embedded()
+        else:
+            for nd in self.nodes:
+                nd.start(wait=False)
+            for nd in self.nodes:
+                nd.wait_healthy(30)
         # as dockerd on each host: Create (idempotent cluster-wide), then Mount
         for nd in self.nodes:
             nd.ok("VolumeDriver.Create", {"Name": self.volume})
         for nd in self.nodes:
             nd.mount(self.volume)
         return self
+
+    def _start_embedded(self) -> None:
+        """n1 starts its member alone, the others join it (SYNCMESH_JOIN) one by one and are promoted."""
+        first, rest = self.nodes[0], self.nodes[1:]
+        first.start(wait=True)
+        join = f"http://{first.api_host}:{first.port}"
+        for i, nd in enumerate(rest, start=2):
+            nd.env["SYNCMESH_JOIN"] = join
+            nd.start(wait=False)
+            nd.wait_healthy(60)
+
+            def voting(k: int = i) -> bool:
+                code, body = first.http("GET", "/api/v1/cluster/status")
+                return code == 200 and sum(1 for m in body["etcd"]["members"] if not m["learner"]) == k
+
+            wait_for(voting, 60, what=f"n{i}'s embedded member to be promoted")
+
+    def start_probers(self) -> None:
+        """Docker calls on every node, recorded: the longest one during the fault goes in the table."""
+        for nd in self.nodes:
+            p = DockerProber(nd, self.volume)
+            self.probers.append(p)
+            p.start()
+
+    def fault_now(self) -> None:
+        self.fault_start = time.monotonic()
 
     def start_writers(self, which: list[Node] | None = None) -> None:
         for nd in which or self.nodes:
@@ -478,6 +604,7 @@ class Scenario:
         import json
 
         key = f"{node.env['SYNCMESH_ETCD_PREFIX'].rstrip('/')}/files/{self.volume}/{rel}"
+        assert self.etcd is not None
 
         def there() -> bool:
             raw = self.etcd.get(key)
@@ -489,12 +616,19 @@ class Scenario:
     def sleep(self, s: float) -> None:
         time.sleep(s)
 
+    @property
+    def live_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n not in self.gone]
+
     def finish(self, timeout: float = 120.0) -> dict[str, Any]:
+        window_end = time.monotonic()  # Docker calls: from the fault's start to the end of the workload
         self.stop_writers()
+        for p in self.probers:
+            p.stop()
         for nd in self.nodes:
             sigcont(nd)
         t_check = time.monotonic()
-        v = check(self.nodes, self.volume, self.ledger, timeout)
+        v = check(self.live_nodes, self.volume, self.ledger, timeout)
         # measured from the end of the fault (heal_now()), else from the end of the workload
         conv = v.converged_at - (self.fault_end or t_check)
         for cond, kind, text in self.post:
@@ -503,11 +637,23 @@ class Scenario:
             except OSError as exc:
                 ok, text = False, f"{text} ({exc})"
             self.expect(ok, kind, text)
-        final = file_digests(self.nodes[0].vol(self.volume))
+        final = file_digests(self.live_nodes[0].vol(self.volume))
         self.notes.append(f"conflict copies: {sum(1 for p in final if CONFLICT_RE.match(p))}")
+        docker_max = None
+        if self.probers:
+            during = [c for p in self.probers for c in p.calls if self.fault_start <= c.t0 <= window_end]
+            docker_max = round(max((c.seconds for c in during), default=0.0), 2)
+            failed = [c for c in during if c.error]
+            slowest = max(during, key=lambda c: c.seconds, default=None)
+            slow = f", slowest {slowest.node} {slowest.method} {slowest.seconds:.2f}s" if slowest else ""
+            self.notes.append(f"docker calls during the fault: {len(during)}, failed {len(failed)}{slow}")
+            if self.docker_must_succeed:
+                self.expect(not failed, "docker", f"{len(failed)} Docker call(s) failed during the fault, e.g. "
+                            + "; ".join(f"{c.node} {c.method}: {c.error[:160]}" for c in failed[:4]))
         probs = v.problems() + self.extra
         row = {"scenario": self.name, "seed": self.seed, "writes": v.writes, "lost": len(v.lost),
                "divergent": len(v.divergent), "converge_s": round(conv, 1) if v.converged else None,
+               "docker_max_s": docker_max,
                "ok": not probs, "problems": [f"{k}: {d}" for k, d in probs], "kinds": sorted({k for k, _ in probs}),
                "notes": "; ".join(self.notes)}
         self.verdict = v
@@ -527,14 +673,37 @@ class Scenario:
     def close(self) -> None:
         for w in self.writers:
             w.stop_evt.set()
+        for p in self.probers:
+            p.stop_evt.set()
         for nd in self.nodes:
             sigcont(nd)
         for nd in self.nodes:
             with contextlib.suppress(Exception):
                 nd.stop(timeout=5)
+        if self.embedded:
+            for nd in self.nodes:  # a member whose daemon was killed (a lost host) outlives it
+                pid = embedded_etcd_pid(nd)
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        if isinstance(self.etcd, EtcdCluster):
+            for m in self.etcd.members:
+                if m.proc is not None and m.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        m.proc.send_signal(signal.SIGCONT)
         with contextlib.suppress(Exception):
-            self.etcd.stop()
+            if self.etcd is not None:
+                self.etcd.stop()
         for m in self.mounts:
             umount(m)
         if self.net is not None:
             self.net.close()
+
+
+def conclude(s: Scenario, timeout: float = 120.0) -> dict[str, Any]:
+    """Check the invariants and fail on any broken one (there are no expected failures)."""
+    row = s.finish(timeout)
+    record(row)
+    log(f"{s.name} seed {s.seed}: {row}")
+    assert not row["problems"], "\n".join(row["problems"])
+    return row

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.resolve().parent))
 
 import hostguard  # noqa: E402
-from chaoslib import RESULTS  # noqa: E402
+from chaoslib import RESULTS, Scenario  # noqa: E402
 
 E2E_NAMES = ("sme2e", "syncmesh-e2e")  # a concurrent `make e2e` run's own namespaces, links, rules
 
@@ -89,12 +89,43 @@ def host_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail(hostguard.report("the chaos suite", diffs))
 
 
+@pytest.fixture
+def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., Scenario]]:
+    made: list[Scenario] = []
+
+    def make(name: str, **kw: Any) -> Scenario:
+        s = Scenario(name, seed, tmp_path, **kw)
+        # bound on convergence after healing (the periodic rescan, 30 s, is the engine's safety net)
+        # (deferred fetches are retried with a backoff capped at 30 s, so anything below ~45 s is too tight)
+        s.converge_timeout = 45.0 if short else 60.0
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        failed = not getattr(s, "verdict", None) or s.verdict.problems() or s.extra
+        if failed:
+            keep = os.environ.get("CHAOS_LOG_DIR")  # whole daemon logs and the write ledger of failed runs
+            if keep:
+                out = Path(keep) / f"{s.name}-seed{s.seed}"
+                out.mkdir(parents=True, exist_ok=True)
+                for nd in s.nodes:
+                    (out / f"{nd.name}.log").write_text(nd.log())
+                (out / "ledger.txt").write_text("\n".join(
+                    f"{w.t:.3f} {w.writer}#{w.seq} {w.path} {w.digest[:8]} base={(w.base or '-')[:8]} "
+                    f"{'ok' if w.completed else 'failed'}" for w in s.ledger.writes))
+                print(f"---- logs kept in {out}")
+            for nd in s.nodes:
+                print(f"---- {nd.name} log (tail) ----\n{nd.log()[-4000:]}")
+        s.close()
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["scenario"], []).append(r)
     head = (f"{'scenario':<30} {'runs':>4} {'seeds':<9} {'writes':>7} {'lost':>5} {'divergent':>9} "
-            f"{'converge s (median/max)':>24} {'result':<8}")
+            f"{'converge s (median/max)':>24} {'docker call max s':>17} {'result':<8}")
     out = [head, "-" * len(head)]
     for name, rs in by.items():
         conv = [r["converge_s"] if r["converge_s"] is not None else float("inf") for r in rs]
@@ -102,9 +133,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         bad = sum(1 for r in rs if not r["ok"] and not r.get("xfail"))
         xf = sum(1 for r in rs if r.get("xfail"))
         res = f"{bad} FAIL" if bad else (f"{xf} xfail" if xf else "ok")
+        docker = [r["docker_max_s"] for r in rs if r.get("docker_max_s") is not None]
+        dmax = f"{max(docker):.2f}" if docker else "-"
         out.append(f"{name:<30} {len(rs):>4} {seeds:<9} {sum(r['writes'] for r in rs):>7} "
                    f"{sum(r['lost'] for r in rs):>5} {sum(r['divergent'] for r in rs):>9} "
-                   f"{statistics.median(conv):>11.1f} / {max(conv):<10.1f} {res:<8}")
+                   f"{statistics.median(conv):>11.1f} / {max(conv):<10.1f} {dmax:>17} {res:<8}")
     return out
 
 

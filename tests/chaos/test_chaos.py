@@ -11,7 +11,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,56 +18,16 @@ import pytest
 from chaoslib import (
     ChaosNetwork,
     Scenario,
+    conclude,
     fill,
     log,
     log_lines,
     mount_tmpfs,
     netns_available,
-    record,
     sigcont,
     sigstop,
     temp_files,
 )
-
-
-@pytest.fixture
-def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., Scenario]]:
-    made: list[Scenario] = []
-
-    def make(name: str, **kw: Any) -> Scenario:
-        s = Scenario(name, seed, tmp_path, **kw)
-        # bound on convergence after healing (the periodic rescan, 30 s, is the engine's safety net)
-        # (deferred fetches are retried with a backoff capped at 30 s, so anything below ~45 s is too tight)
-        s.converge_timeout = 45.0 if short else 60.0
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        failed = not getattr(s, "verdict", None) or s.verdict.problems()
-        if failed:
-            keep = os.environ.get("CHAOS_LOG_DIR")  # whole daemon logs and the write ledger of failed runs
-            if keep:
-                out = Path(keep) / f"{s.name}-seed{s.seed}"
-                out.mkdir(parents=True, exist_ok=True)
-                for nd in s.nodes:
-                    (out / f"{nd.name}.log").write_text(nd.log())
-                (out / "ledger.txt").write_text("\n".join(
-                    f"{w.t:.3f} {w.writer}#{w.seq} {w.path} {w.digest[:8]} base={(w.base or '-')[:8]} "
-                    f"{'ok' if w.completed else 'failed'}" for w in s.ledger.writes))
-                print(f"---- logs kept in {out}")
-            for nd in s.nodes:
-                print(f"---- {nd.name} log (tail) ----\n{nd.log()[-4000:]}")
-        s.close()
-
-
-def conclude(s: Scenario, timeout: float = 120.0) -> dict[str, Any]:
-    """Check the invariants and fail on any broken one (there are no expected failures)."""
-    row = s.finish(timeout)
-    record(row)
-    log(f"{s.name} seed {s.seed}: {row}")
-    assert not row["problems"], "\n".join(row["problems"])
-    return row
 
 
 def first_temp(nodes: list[Any], volume: str) -> Any:
