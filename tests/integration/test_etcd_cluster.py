@@ -12,6 +12,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import check_daemon_logs
+from conftest import check_daemon_logs, need_tool
 
 from syncmesh_plugin.config import Duration, EtcdConfig
-from syncmesh_plugin.devcluster import Etcd, EtcdCluster, Node, converged, wait_for, write
+from syncmesh_plugin.devcluster import Etcd, EtcdCluster, Node, converged, free_port, wait_for, write
 from syncmesh_plugin.meta import EtcdStore, WatchInterrupted, dumps
 
 TIMEOUT = 5.0  # etcd.timeout: no request may take longer, whatever member is gone
@@ -332,3 +334,81 @@ def test_status_api_and_metrics_name_the_member_each_node_uses(mesh, etcd3):
     data = json.loads(subprocess.run([sys.executable, "-m", "syncmesh_plugin", "status", "--json"], env=nodes[1].env,
                                      capture_output=True, text=True, timeout=60).stdout)
     assert data["health"]["components"]["etcd"]["endpoint"] == etcd3.members[1].endpoint
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def dns_host(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """A network namespace joined to this host by a veth pair (10.231.82.0/24), with its own /etc/hosts:
+    `ip netns exec` bind-mounts /etc/netns/NAME/hosts over /etc/hosts for what runs in it. Yields (namespace,
+    its address, its hosts file). Addresses .2-.4 on the host side are for the etcd members."""
+    need_tool("ip", "iproute2")
+    tag = f"smdns{os.getpid() % 100000}"
+    ns, host_if, ns_if = tag, f"{tag}h", f"{tag}n"
+    hosts_dir = Path("/etc/netns") / ns
+    try:
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _run("ip", "link", "set", ns_if, "netns", ns)
+        for i in range(1, 5):
+            _run("ip", "addr", "add", f"10.231.82.{i}/24", "dev", host_if)
+        _run("ip", "link", "set", host_if, "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "addr", "add", "10.231.82.11/24", "dev", ns_if)
+        _run("ip", "-n", ns, "link", "set", ns_if, "up")
+        hosts_dir.mkdir(parents=True, exist_ok=True)
+        hosts = hosts_dir / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n")
+        yield ns, "10.231.82.11", hosts
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+def _point(hosts: Path, name: str, addr: str) -> None:
+    """Change what the name resolves to in the namespace, in place (the bind mount follows the inode)."""
+    with open(hosts, "r+") as fh:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"127.0.0.1 localhost\n{addr} {name}\n")
+
+
+def test_host_name_endpoint_is_resolved_again_on_reconnect(dns_host, tmp_path, request, volume):
+    """An endpoint written as a host name is resolved again when its member stops answering, not only at start:
+    the name moves to another member (as a DNS record is updated after a host is replaced) and the daemon,
+    given that one name only, follows it within the request's timeout."""
+    ns, ns_ip, hosts = dns_host
+    c = EtcdCluster(tmp_path / "etcd", 3, hosts=[f"10.231.82.{i}" for i in (2, 3, 4)])
+    port = free_port("10.231.82.2")
+    for m in c.members:  # one port on every member's address: the name alone says which member
+        m.client_port = port
+    c.start()
+    name = "etcd.syncmesh.test"
+    _point(hosts, name, "10.231.82.2")
+    n = Node(tmp_path, "n1", None, f"/t{uuid.uuid4().hex[:8]}", SYNCMESH_ETCD_ENDPOINTS=f"http://{name}:{port}",
+             SYNCMESH_SERVER_HOST=ns_ip, SYNCMESH_ETCD_TIMEOUT=f"{TIMEOUT:g}s")
+    n.command_prefix = ["ip", "netns", "exec", ns]
+    n.api_host = ns_ip
+    try:
+        n.start()
+        n.ok("VolumeDriver.Create", {"Name": volume})
+        [ep] = _etcd_view(n)["endpoints"]
+        assert ep["endpoint"] == f"http://{name}:{port}" and ep["address"] == f"10.231.82.2:{port}", ep
+        c.members[0].kill()
+        _point(hosts, name, "10.231.82.3")
+        t0 = time.monotonic()
+        n.ok("VolumeDriver.Create", {"Name": f"{volume}b"})
+        took = time.monotonic() - t0
+        print(f"\nname moved to another member: first Create took {took:.2f}s")
+        assert took < TIMEOUT
+        [ep] = _etcd_view(n)["endpoints"]
+        assert ep["address"] == f"10.231.82.3:{port}", ep
+        assert "now resolves to 10.231.82.3" in n.log()
+    finally:
+        n.stop()
+        c.stop()
+        check_daemon_logs([n], request)
