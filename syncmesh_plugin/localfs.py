@@ -500,6 +500,63 @@ def read_range(root: str, rel: str, offset: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+BLOCK = 4096  # extents are shared (reflink) only between block-aligned ranges
+
+
+def _copy_run(src: int, dst: int, src_off: int, dst_off: int, length: int) -> None:
+    """copy_file_range of one range, in the kernel: on a file system that shares extents (xfs with
+    reflink, btrfs) the block-aligned part is cloned, not written; elsewhere the bytes are copied
+    without passing through Python. When both offsets are equally misaligned, the head up to the next
+    block boundary goes first so that the rest can be cloned."""
+    parts = []
+    head = (-dst_off) % BLOCK
+    if (src_off - dst_off) % BLOCK == 0 and 0 < head < length:
+        parts.append((src_off, dst_off, head))
+        src_off, dst_off, length = src_off + head, dst_off + head, length - head
+    parts.append((src_off, dst_off, length))
+    for so, do, ln in parts:
+        while ln:
+            n = os.copy_file_range(src, dst, ln, so, do)
+            if n <= 0:
+                raise OSError(errno.EIO, "source shorter than its index says")
+            so, do, ln = so + n, do + n, ln - n
+
+
+def copy_ranges(root: str, rel: str, expect: tuple[int, int, int, int], dst: int,
+                runs: list[tuple[int, int, int]]) -> bool:
+    """Copy (source offset, target offset, length) runs of the local file `rel` into `dst` in the
+    kernel (see `_copy_run`), for a new version that shares content with it. The chunks are not read
+    or hashed: the source must still be the file that was indexed, `expect` = (size, mtime_ns,
+    ctime_ns, inode) before and after the copy (the same test that tells an unchanged file from a
+    changed one everywhere else). False when it is not (nothing copied can be trusted) or the copy
+    failed; the caller then reads and verifies the chunks instead."""
+    try:
+        dfd = open_parent_dir(root, rel, create=False)
+    except (OSError, PathError):
+        return False
+    try:
+        src = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return False
+    finally:
+        os.close(dfd)
+
+    def same() -> bool:
+        s = os.fstat(src)
+        return st_mod.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) == expect
+
+    try:
+        if not same():
+            return False
+        for so, do, ln in runs:
+            _copy_run(src, dst, so, do, ln)
+        return same()
+    except OSError:
+        return False
+    finally:
+        os.close(src)
+
+
 def blob_path(base: str, blob_id: str) -> str:
     return os.path.join(base, "blobs", blob_id)
 

@@ -16,7 +16,7 @@ from .. import chunker, localfs, metrics
 from ..localfs import FileStat
 from ..manifest import Manifest
 from ..pathsafe import PathError, conflict_name
-from ..state import FileRecord
+from ..state import BLOB_PREFIX, FileRecord
 from .decide import superseded
 from .fetch import FetchError
 from .pending import Pending, record_of
@@ -86,6 +86,15 @@ class PartialFile:
         self.closing = True
         await self._idle.wait()
         os.close(self.fd)
+
+
+class CopySources(dict[tuple[str, int], list[tuple[str, int]]]):
+    """(chunk id, length) -> [(path, offset)] in local files of the volume, with `stat`: path ->
+    (size, mtime_ns, ctime_ns, inode) as indexed (the file must still be that one when copied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stat: dict[str, tuple[int, int, int, int]] = {}
 
 
 class Committer(Stage):
@@ -219,8 +228,33 @@ class Committer(Stage):
             peers: list[str] | None = None
             read_local = self.vol.fetcher.read_local
 
-            def write(group: list[tuple[str, int, int]], data: dict[str, bytes]) -> None:
+            sources = self.copy_sources(locs_all)
+
+            def copy_wave(group: list[tuple[str, int, int]]) -> set[int]:
+                """Offsets of the wave copied in the kernel from a local file that holds the same
+                chunks (the old version, mostly): clones where the file system shares extents."""
+                plan: dict[str, list[tuple[int, int, int]]] = {}
+                for cid, off, ln in group:
+                    for path, soff in sources.get((cid, ln), ()):
+                        plan.setdefault(path, []).append((soff, off, ln))
+                        break
+                done: set[int] = set()
+                for path, entries in plan.items():
+                    runs: list[tuple[int, int, int]] = []
+                    for soff, off, ln in sorted(entries, key=lambda e: e[1]):
+                        if runs and runs[-1][0] + runs[-1][2] == soff and runs[-1][1] + runs[-1][2] == off:
+                            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + ln)
+                        else:
+                            runs.append((soff, off, ln))
+                    rec = sources.stat[path]
+                    if localfs.copy_ranges(self.root, path, rec, fd, runs):
+                        done.update(off for _, off, _ in entries)
+                return done
+
+            def write(group: list[tuple[str, int, int]], data: dict[str, bytes], copied: set[int]) -> None:
                 for cid, off, _ in group:
+                    if off in copied:
+                        continue
                     view = memoryview(data[cid])
                     while view:
                         n = os.pwrite(fd, view, off)
@@ -238,7 +272,9 @@ class Committer(Stage):
                 return {c: d for c, n in ids.items() if (d := read_local(c, n, locs_all))}
 
             for group in waves[start:] + waves[:start]:
-                ids = {cid: ln for cid, _, ln in group}
+                copied = await asyncio.to_thread(copy_wave, group) if sources else set()
+                metrics.bytes_reused.inc(sum(ln for _, off, ln in group if off in copied))
+                ids = {cid: ln for cid, off, ln in group if off not in copied}
                 local = await asyncio.to_thread(read_wave, ids)
                 missing = [c for c in ids if c not in local]
                 data = dict(local)
@@ -255,7 +291,7 @@ class Committer(Stage):
                 # Pipeline: this wave is written while the next one is fetched.
                 if writing is not None:
                     await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(write, group, data))
+                writing = asyncio.ensure_future(asyncio.to_thread(write, group, data, copied))
                 writing.add_done_callback(functools.partial(published, group))
             if writing is not None:
                 await writing
@@ -280,6 +316,23 @@ class Committer(Stage):
         self.unshare(shared)
         await shared.close()
         await self.commit([(it, dfd, tmp)])
+
+    def copy_sources(self, locs: dict[str, list[tuple[str, str, int, int]]]) -> CopySources:
+        """Where this volume's own files hold chunks of a big file being applied, for in-kernel
+        copies: only files whose index record is a regular file (its stat is checked at the copy)."""
+        paths = {path for entries in locs.values() for vol, path, _, _ in entries
+                 if vol == self.name and not path.startswith(BLOB_PREFIX)}
+        out = CopySources()
+        if not paths:
+            return out
+        for path, rec in self.state.files_for(self.name, paths).items():
+            if rec.kind == "file":
+                out.stat[path] = (rec.size, rec.mtime_ns, rec.ctime_ns, rec.inode)
+        for cid, entries in locs.items():
+            for vol, path, off, ln in entries:
+                if vol == self.name and path in out.stat:
+                    out.setdefault((cid, ln), []).append((path, off))
+        return out
 
     def unshare(self, shared: PartialFile) -> None:
         for cid in [c for c, (f, _, _) in self.vol.partial.items() if f is shared]:

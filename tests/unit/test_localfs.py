@@ -113,3 +113,39 @@ def test_start_writeback_is_best_effort(tmp_path: Path) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def _sig(p) -> tuple[int, int, int, int]:
+    s = os.stat(p)
+    return (s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
+
+
+def test_copy_ranges_copies_unchanged_runs_in_the_kernel(tmp_path) -> None:
+    old = os.urandom(3 * 4096 + 1234)
+    (tmp_path / "f").write_bytes(old)
+    fd = os.open(tmp_path / "new", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # a misaligned run (the head goes first), a shifted run (an insert), an aligned one
+        runs = [(100, 100, 5000), (0, 6000, 50), (8192, 8192, 4096 + 1234)]
+        assert localfs.copy_ranges(str(tmp_path), "f", _sig(tmp_path / "f"), fd, runs)
+        got = os.pread(fd, 20000, 0)
+    finally:
+        os.close(fd)
+    assert got[100:5100] == old[100:5100]
+    assert got[6000:6050] == old[:50]
+    assert got[8192:] == old[8192:]
+
+
+def test_copy_ranges_refuses_a_source_that_changed_since_indexed(tmp_path) -> None:
+    (tmp_path / "f").write_bytes(b"a" * 10000)
+    seen = _sig(tmp_path / "f")
+    with open(tmp_path / "f", "r+b") as fh:
+        fh.write(b"b")
+    fd = os.open(tmp_path / "new", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert not localfs.copy_ranges(str(tmp_path), "f", seen, fd, [(0, 0, 100)])
+        assert not localfs.copy_ranges(str(tmp_path), "gone", seen, fd, [(0, 0, 100)])
+        # longer than the file: refused, not a short copy
+        assert not localfs.copy_ranges(str(tmp_path), "f", _sig(tmp_path / "f"), fd, [(9000, 0, 2000)])
+    finally:
+        os.close(fd)
