@@ -330,6 +330,7 @@ class EtcdConnection:
         total = self.timeout if timeout is None else timeout
         deadline = loop.time() + total
         tried: set[int] = set()
+        refused: list[Endpoint] = []  # endpoints that refused the connection in this round
         last: BaseException | None = None
         started = time.monotonic()
         while True:
@@ -338,9 +339,15 @@ class EtcdConnection:
                 raise last if last is not None else TimeoutError(f"{what}: no etcd endpoint answered")
             ep = self._next(tried)
             if ep is None:
-                # Every endpoint failed once in this request (an election takes about a second): go round again.
+                # Every endpoint failed once in this request. Nothing listening anywhere (every one refused, names
+                # resolved again since): etcd is down, say so at once. Otherwise (an election takes about a
+                # second, a silent member) go round again within the request's time.
+                if last is not None and len(refused) == len(tried) and not any(
+                        not is_ip(e.host) and e.resolved_at < e.failed_at for e in refused):
+                    raise last
                 await asyncio.sleep(min(0.2, remaining))
                 tried.clear()
+                refused.clear()
                 continue
             tried.add(id(ep))
             per = min(self.attempt_timeout(total), remaining)
@@ -367,6 +374,8 @@ class EtcdConnection:
                     raise
                 last = exc
                 self.failed(ep, kind, exc)
+                if kind == "refused":
+                    refused.append(ep)
                 if once and not never_sent(exc):
                     raise AnswerLost(exc) from exc
                 continue
