@@ -162,7 +162,7 @@ async def restore(request: web.Request) -> web.Response:
     held(request, name)
     try:
         body = await request.json() if request.can_read_body else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise ApiError(400, "the body must be JSON: {\"versions\": [ids], \"to\": \"path\"}") from None
     ids = body.get("versions") if isinstance(body, dict) else None
     to = body.get("to", "") if isinstance(body, dict) else ""
