@@ -484,7 +484,8 @@ class Scenario:
     """
 
     def __init__(self, name: str, seed: int, tmp: Path, n: int = 3, net: ChaosNetwork | None = None,
-                 pre_start: Any = None, members: int = 1, embedded: bool = False, **env: str) -> None:
+                 pre_start: Any = None, members: int = 1, embedded: bool = False,
+                 volume_opts: dict[str, str] | None = None, **env: str) -> None:
         self.name = name
         self.seed = seed
         self.rng = random.Random(f"{name}-{seed}")
@@ -504,6 +505,7 @@ class Scenario:
         self.docker_must_succeed = False  # a Docker call failing during the fault breaks the run
         self.gone: list[Node] = []  # hosts lost for good: left out of the checks (still cleaned up)
         self.embedded = embedded
+        self.volume_opts = volume_opts  # the volume's options at Create (e.g. versioning)
         env = {"SYNCMESH_SYNC_MOUNT_TIMEOUT": "10s", "PYTHONUNBUFFERED": "1", **env}
         (tmp / "etcd").mkdir(parents=True, exist_ok=True)
         self.etcd: Etcd | EtcdCluster | None
@@ -549,7 +551,7 @@ class Scenario:
                 nd.wait_healthy(30)
         # as dockerd on each host: Create (idempotent cluster-wide), then Mount
         for nd in self.nodes:
-            nd.ok("VolumeDriver.Create", {"Name": self.volume})
+            nd.ok("VolumeDriver.Create", {"Name": self.volume, "Opts": self.volume_opts})
         for nd in self.nodes:
             nd.mount(self.volume)
         return self

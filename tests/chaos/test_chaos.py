@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +29,7 @@ from chaoslib import (
     sigcont,
     sigstop,
     temp_files,
+    wait_for,
 )
 
 
@@ -255,5 +258,41 @@ def test_plugin_restart_under_writes(scenario, seed, short):
         b.start()
         s.sleep(s.rng.uniform(1, 3))
     s.notes.append("n2 restarts: " + ", ".join(how))
+    s.heal_now()
+    conclude(s, timeout=s.converge_timeout)
+
+
+# ------------------------------------------------------------------------------------------ undo
+def test_restore_while_writers_run(scenario, seed, short):
+    """Files deleted by mistake on n1 are restored from n3's kept versions (versioning=trash) while every
+    node's writer keeps writing: the restored files come back everywhere with their last content, and
+    nothing any writer completed is lost."""
+    s = scenario("restore-under-writes", volume_opts={"versioning": "trash"}).start()
+    a, c = s.nodes[0], s.nodes[2]
+    victims = [f"victim/f{i}.bin" for i in range(12)]
+    for i, rel in enumerate(victims):
+        assert s.one_write(a, rel, os.urandom(1500 + 97 * i))
+    for nd in s.nodes:
+        wait_for(lambda nd=nd: all((nd.vol(s.volume) / rel).exists() for rel in victims), 30,
+                 what=f"the victims on {nd.name}")
+    s.start_writers()
+    s.sleep(1.5)
+    s.fault_now()
+    before = time.time()
+    for rel in victims:  # the mistake: below the mass-delete guard's minimum, published at once
+        (a.vol(s.volume) / rel).unlink()
+    wait_for(lambda: not any((c.vol(s.volume) / rel).exists() for rel in victims), 30, what="the deletions on n3")
+    wait_for(lambda: sum(1 for v in c.http("GET", f"/api/v1/volumes/{s.volume}/versions?prefix=victim")[1]
+                         ["versions"] if v["reason"] == "deleted") >= len(victims), 30, what="n3's kept versions")
+    s.sleep(s.rng.uniform(0.2, 1.5))
+    got = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "restore", s.volume, "victim", "--at",
+                          str(before - 0.001), "--api", f"http://{c.api_host}:{c.port}"],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stdout + got.stderr
+    for nd in s.nodes:
+        wait_for(lambda nd=nd: all((nd.vol(s.volume) / rel).exists() for rel in victims), 30,
+                 what=f"the restored victims on {nd.name}")
+    s.notes.append(f"{len(victims)} files deleted on n1 and restored from n3's versions under writes")
+    s.sleep(1.0)
     s.heal_now()
     conclude(s, timeout=s.converge_timeout)
