@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any
+
 from aiohttp import web
 
 from ..meta import EtcdUnavailable
@@ -12,6 +15,18 @@ from .common import ApiError, held, known, registry
 from .deps import CLUSTER, EVENTS, INDEX, NODE, VOLUMES
 
 routes = web.RouteTableDef()
+
+async def answer(call: Awaitable[dict[str, Any]], refused: int = 400) -> web.Response:
+    """An operator's request to the registry, its refusals as JSON errors: a bad request or a refusal
+    with its reason (`refused`), an unknown version (404), etcd needed and away (503)."""
+    try:
+        return web.json_response(await call)
+    except (VolumeError, PathError) as exc:
+        raise ApiError(refused, str(exc)) from None
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+    except ClusterUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
 
 
 @routes.get("/api/v1/sync/status")
@@ -92,12 +107,7 @@ async def hold(request: web.Request) -> web.Response:
     """Keep a replica on this node from now on, mounted or not."""
     name = request.match_info["name"]
     known(request, name)
-    try:
-        return web.json_response(await registry(request).hold(name, request.query.get("role")))
-    except VolumeError as exc:
-        raise ApiError(400, str(exc)) from None
-    except ClusterUnavailable as exc:
-        raise ApiError(503, str(exc)) from None
+    return await answer(registry(request).hold(name, request.query.get("role")))
 
 
 @routes.post("/api/v1/volumes/{name}/release")
@@ -106,12 +116,7 @@ async def release(request: web.Request) -> web.Response:
     that would lose the last complete replica, leave the placement short, or pull it from a mount."""
     name = request.match_info["name"]
     known(request, name)
-    try:
-        return web.json_response(await registry(request).release(name))
-    except VolumeError as exc:
-        raise ApiError(409, str(exc)) from None
-    except ClusterUnavailable as exc:
-        raise ApiError(503, str(exc)) from None
+    return await answer(registry(request).release(name), refused=409)
 
 
 @routes.post("/api/v1/volumes/{name}/revert")
@@ -120,10 +125,7 @@ async def revert(request: web.Request) -> web.Response:
     version of what was changed taken back."""
     name = request.match_info["name"]
     held(request, name)
-    try:
-        return web.json_response(await registry(request).revert(name, request.query.get("path")))
-    except (VolumeError, PathError) as exc:
-        raise ApiError(400, str(exc)) from None
+    return await answer(registry(request).revert(name, request.query.get("path")))
 
 
 @routes.post("/api/v1/volumes/{name}/override")
@@ -131,10 +133,7 @@ async def override(request: web.Request) -> web.Response:
     """This node's whole state published over the cluster's (after the mass-deletion guard)."""
     name = request.match_info["name"]
     held(request, name)
-    try:
-        return web.json_response(await registry(request).override(name))
-    except VolumeError as exc:
-        raise ApiError(409, str(exc)) from None
+    return await answer(registry(request).override(name), refused=409)
 
 
 @routes.get("/api/v1/volumes/{name}/versions")
@@ -168,12 +167,7 @@ async def restore(request: web.Request) -> web.Response:
     to = body.get("to", "") if isinstance(body, dict) else ""
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or not isinstance(to, str):
         raise ApiError(400, "the body must be JSON: {\"versions\": [ids], \"to\": \"path\"}")
-    try:
-        return web.json_response(await registry(request).restore(name, ids, to))
-    except (VolumeError, PathError) as exc:
-        raise ApiError(400, str(exc)) from None
-    except KeyError as exc:
-        raise ApiError(404, str(exc.args[0])) from None
+    return await answer(registry(request).restore(name, ids, to))
 
 
 @routes.post("/api/v1/volumes/{name}/options")
@@ -181,12 +175,7 @@ async def set_options(request: web.Request) -> web.Response:
     """Options that may change after Create (versioning), as query parameters; every node applies them."""
     name = request.match_info["name"]
     known(request, name)
-    try:
-        return web.json_response(await registry(request).set_options(name, dict(request.query)))
-    except VolumeError as exc:
-        raise ApiError(400, str(exc)) from None
-    except ClusterUnavailable as exc:
-        raise ApiError(503, str(exc)) from None
+    return await answer(registry(request).set_options(name, dict(request.query)))
 
 
 @routes.get("/api/v1/trash")
@@ -198,18 +187,10 @@ async def trash(request: web.Request) -> web.Response:
 @routes.post("/api/v1/trash/{name}/undelete")
 async def undelete(request: web.Request) -> web.Response:
     """The volume created again with its options, and this node's trashed copy put back (published)."""
-    try:
-        return web.json_response(await registry(request).undelete(request.match_info["name"]))
-    except VolumeError as exc:
-        raise ApiError(409, str(exc)) from None
-    except ClusterUnavailable as exc:
-        raise ApiError(503, str(exc)) from None
+    return await answer(registry(request).undelete(request.match_info["name"]), refused=409)
 
 
 @routes.post("/api/v1/trash/{name}/purge")
 async def purge(request: web.Request) -> web.Response:
     """This node's trashed copies of the volume deleted for good."""
-    try:
-        return web.json_response(await registry(request).purge(request.match_info["name"]))
-    except VolumeError as exc:
-        raise ApiError(400, str(exc)) from None
+    return await answer(registry(request).purge(request.match_info["name"]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -177,3 +179,18 @@ def settled(etcd: Etcd, prefix: str, volume: str, writers: Sequence[Node], follo
 
     wait_for(caught_up, timeout, what=f"the followers to follow {volume} up to revision {head}")
     return head
+
+
+def cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """The admin CLI as an operator runs it, against `node`'s API."""
+    return subprocess.run([sys.executable, "-m", "syncmesh_plugin", *args, "--api", f"http://127.0.0.1:{node.port}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def holding(cluster: Callable[..., Node], volume: str, n: int = 3, **opts: str) -> list[Node]:
+    """`n` daemons (n1, n2, ...), the volume created on the first with `opts` and mounted on every one."""
+    nodes = [cluster(f"n{i}") for i in range(1, n + 1)]
+    nodes[0].ok("VolumeDriver.Create", {"Name": volume, "Opts": opts})
+    for nd in nodes:
+        nd.mount(volume)
+    return nodes

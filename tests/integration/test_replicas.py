@@ -4,15 +4,7 @@ dockerd's deadline."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from conftest import converged, tree, wait_for, write
-
-
-def _cli(n, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "syncmesh_plugin", *args, "--api", f"http://127.0.0.1:{n.port}"],
-                          capture_output=True, text=True, timeout=60)
+from conftest import cli, converged, tree, wait_for, write
 
 
 def _replicas(n, volume: str) -> dict[str, dict]:  # type: ignore[no-untyped-def]
@@ -34,22 +26,22 @@ def test_an_offline_replica_stays_visible_and_verify_names_it(cluster, volume):
     converged([a, b], volume, expect=lambda t: "one.txt" in t)
     wait_for(lambda: {n for n, x in _replicas(a, volume).items() if x["replica_since"]} == {"n1", "n2"}, 10,
              what="both durable replica records")
-    assert _cli(a, "verify", volume).returncode == 0
+    assert cli(a, "verify", volume).returncode == 0
     b.stop()
     write(a.vol(volume) / "two.txt", "2")
     wait_for(lambda: not _replicas(a, volume)["n2"]["live"], 30, what="n2 shown offline")
     r = _replicas(a, volume)["n2"]
     assert r["behind_revisions"] > 0 and not r["converged"] and r["last_seen"] > 0
-    got = _cli(a, "verify", volume)
+    got = cli(a, "verify", volume)
     assert got.returncode == 3, got.stdout + got.stderr
     assert "n2: unreachable: offline" in got.stdout and "identical" not in got.stdout
-    shown = _cli(a, "inspect", volume).stdout
+    shown = cli(a, "inspect", volume).stdout
     assert "OFFLINE" in shown and "n2" in shown
     wait_for(lambda: 'syncmesh_volume_replicas{state="offline",volume="' + volume + '"} 1.0'
              in a.http("GET", "/metrics")[1].decode(), 15, what="the offline replica in the metrics")
     b.start()
     converged([a, b], volume, expect=lambda t: "two.txt" in t)
-    wait_for(lambda: _cli(a, "verify", volume).returncode == 0, 20, what="verify to pass once n2 is back")
+    wait_for(lambda: cli(a, "verify", volume).returncode == 0, 20, what="verify to pass once n2 is back")
 
 
 def test_replicas_all_places_the_volume_on_every_node_ahead_of_mounts(cluster, volume):
@@ -66,7 +58,7 @@ def test_replicas_all_places_the_volume_on_every_node_ahead_of_mounts(cluster, v
     b.mount(volume)  # ready already: returns without a copy to wait for
     assert (b.vol(volume) / "data.bin").stat().st_size == 100_000
     # releasing a volume placed everywhere is refused with the reason
-    got = _cli(c, "release", volume)
+    got = cli(c, "release", volume)
     assert got.returncode == 1 and "replicas=all" in got.stderr
 
 
@@ -96,17 +88,17 @@ def test_hold_and_release(cluster, volume):
     a, b = cluster("n1"), cluster("n2")
     a.ok("VolumeDriver.Create", {"Name": volume})
     write(a.vol(volume) / "f.txt", "held")
-    got = _cli(b, "hold", volume)
+    got = cli(b, "hold", volume)
     assert got.returncode == 0 and "held on n2" in got.stdout, got.stderr
     converged([a, b], volume, expect=lambda t: "f.txt" in t)
     # n1 may not release: n2 has it, but wait until n2 is complete before the release is allowed
     wait_for(lambda: _replicas(a, volume).get("n2", {}).get("converged"), 20, what="n2 complete")
-    got = _cli(b, "release", volume)
+    got = cli(b, "release", volume)
     assert got.returncode == 0, got.stderr
     assert not _held(b, volume) and not b.vol(volume).exists()
     wait_for(lambda: "n2" not in _replicas(a, volume), 10, what="n2's replica record to go")
     # the last complete replica cannot be released
-    got = _cli(a, "release", volume)
+    got = cli(a, "release", volume)
     assert got.returncode == 1 and "last complete replica" in got.stderr
     assert (a.vol(volume) / "f.txt").read_text() == "held"
 
@@ -117,14 +109,14 @@ def test_forget_a_node_that_will_not_come_back(cluster, volume):
     a.mount(volume)
     b.mount(volume)
     wait_for(lambda: {n for n, x in _replicas(a, volume).items() if x["replica_since"]} == {"n1", "n2"}, 10)
-    got = _cli(a, "forget", "n2")
+    got = cli(a, "forget", "n2")
     assert got.returncode == 1 and "is live" in got.stderr  # refused while it runs
     b.stop()
     wait_for(lambda: not _replicas(a, volume)["n2"]["live"], 30)
-    got = _cli(a, "forget", "n2")
+    got = cli(a, "forget", "n2")
     assert got.returncode == 0 and volume in got.stdout, got.stderr
     assert "n2" not in _replicas(a, volume)
-    assert _cli(a, "verify", volume).returncode == 0
+    assert cli(a, "verify", volume).returncode == 0
 
 
 def test_first_mount_answers_inside_dockers_deadline_and_the_retry_succeeds(cluster, volume):

@@ -3,18 +3,10 @@ forged manifest "from" a reader is ignored; `--role send-only` and `override`.""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from conftest import converged, tree, wait_for, write
+from conftest import cli, converged, holding, tree, wait_for, write
 
 from syncmesh_plugin.chunker import chunk_id
 from syncmesh_plugin.manifest import Manifest
-
-
-def _cli(n, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "syncmesh_plugin", *args, "--api", f"http://127.0.0.1:{n.port}"],
-                          capture_output=True, text=True, timeout=60)
 
 
 def _sync(n, volume: str) -> dict:  # type: ignore[no-untyped-def]
@@ -26,14 +18,6 @@ def _published(n, volume: str, path: str) -> bool:  # type: ignore[no-untyped-de
     return code == 200 and body.get("manifest") is not None and body["manifest"].get("k") != "deleted"
 
 
-def _three(cluster, volume: str, **opts: str):  # type: ignore[no-untyped-def]
-    nodes = [cluster(f"n{i}") for i in (1, 2, 3)]
-    nodes[0].ok("VolumeDriver.Create", {"Name": volume, "Opts": opts})
-    for n in nodes:
-        n.mount(volume)
-    return nodes
-
-
 def _marker(src, dsts, volume: str, name: str) -> None:  # type: ignore[no-untyped-def]
     write(src.vol(volume) / name, name)
     for d in dsts:
@@ -41,7 +25,7 @@ def _marker(src, dsts, volume: str, name: str) -> None:  # type: ignore[no-untyp
 
 
 def test_one_writer_many_readers(cluster, volume):
-    n1, n2, n3 = _three(cluster, volume, writers="n1")
+    n1, n2, n3 = holding(cluster, volume, writers="n1")
     assert _sync(n2, volume)["role"] == "receive-only" and _sync(n1, volume)["role"] == "send-receive"
     write(n1.vol(volume) / "shared.txt", "from the writer")
     converged([n1, n2, n3], volume, expect=lambda t: "shared.txt" in t)
@@ -54,11 +38,11 @@ def test_one_writer_many_readers(cluster, volume):
     assert not (n3.vol(volume) / "stray.log").exists() and not _published(n1, volume, "stray.log")
     assert (n3.vol(volume) / "shared.txt").read_text() == "from the writer"
     assert "local change" in n2.log()
-    shown = _cli(n2, "inspect", volume).stdout
+    shown = cli(n2, "inspect", volume).stdout
     assert "receive-only" in shown and "2 local change(s)" in shown
 
     # revert: the addition goes, the cluster's version comes back
-    got = _cli(n2, "revert", volume)
+    got = cli(n2, "revert", volume)
     assert got.returncode == 0, got.stderr
     wait_for(lambda: not (n2.vol(volume) / "stray.log").exists()
              and (n2.vol(volume) / "shared.txt").read_text() == "from the writer", 20, what="n2 reverted")
@@ -67,7 +51,7 @@ def test_one_writer_many_readers(cluster, volume):
 
 
 def test_a_remote_change_wins_over_a_readers_local_edit_which_is_kept_unpublished(cluster, volume):
-    n1, n2, n3 = _three(cluster, volume, writers="n1")
+    n1, n2, n3 = holding(cluster, volume, writers="n1")
     write(n1.vol(volume) / "doc.txt", "v1")
     converged([n1, n2, n3], volume, expect=lambda t: "doc.txt" in t)
     write(n2.vol(volume) / "doc.txt", "local edit on n2")
@@ -81,7 +65,7 @@ def test_a_remote_change_wins_over_a_readers_local_edit_which_is_kept_unpublishe
 
 
 def test_a_manifest_forged_from_a_reader_is_ignored(cluster, etcd, volume):
-    n1, _n2, n3 = _three(cluster, volume, writers="n1")
+    n1, _n2, n3 = holding(cluster, volume, writers="n1")
     data = b"forged content"
     forged = Manifest(kind="file", size=len(data), mode=0o644, mtime_ns=1, origin="n2", inline=data,
                       digest=chunk_id(data))
@@ -92,10 +76,10 @@ def test_a_manifest_forged_from_a_reader_is_ignored(cluster, etcd, volume):
 
 
 def test_send_only_and_override(cluster, volume):
-    n1, n2, n3 = _three(cluster, volume)
+    n1, n2, n3 = holding(cluster, volume)
     write(n1.vol(volume) / "cfg.txt", "v1")
     converged([n1, n2, n3], volume, expect=lambda t: "cfg.txt" in t)
-    got = _cli(n3, "hold", volume, "--role", "send-only")
+    got = cli(n3, "hold", volume, "--role", "send-only")
     assert got.returncode == 0, got.stderr
     assert _sync(n3, volume)["role"] == "send-only"
     # n3 publishes its changes ...
@@ -107,7 +91,7 @@ def test_send_only_and_override(cluster, volume):
     wait_for(lambda: _sync(n3, volume)["remote_ignored"] >= 1, 20, what="n3 to count the ignored change")
     assert (n3.vol(volume) / "cfg.txt").read_text() == "v1" and not (n3.vol(volume) / "m4").exists()
     # override: n3's whole state over the cluster's
-    got = _cli(n3, "override", volume)
+    got = cli(n3, "override", volume)
     assert got.returncode == 0, got.stderr
     wait_for(lambda: (n1.vol(volume) / "cfg.txt").read_text() == "v1" and not (n1.vol(volume) / "m4").exists(), 20,
              what="n3's state on n1")
