@@ -384,10 +384,13 @@ class EtcdConnection:
 
     def failed(self, ep: Endpoint, kind: str, exc: BaseException | str) -> None:
         """An attempt or a stream on `ep` failed: remember why, and leave it if it is the current endpoint."""
+        now = time.monotonic()
         ep.failures += 1
-        ep.failed_at = time.monotonic()
+        ep.failed_at = now
         ep.last_error = f"{kind}: {exc if isinstance(exc, str) else describe(exc)}"
         if ep is self.current and len(self.endpoints) > 1:
+            if all(now - e.failed_at < 1.0 for e in self.endpoints if e is not ep):
+                return  # every endpoint failed within the last second: no better one to move to (no move storm)
             self.move(kind)
 
     def move(self, reason: str, to: Endpoint | None = None) -> None:

@@ -147,6 +147,9 @@ class EmbeddedEtcd:
             "--listen-client-urls", listen_client, "--advertise-client-urls", advertise_client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", cluster, "--initial-cluster-state", "existing" if existing else "new",
+            # a member cut off from the others does not depose a working leader when it comes back
+            # (etcd 3.5's default; off in 3.4)
+            "--pre-vote",
             "--auto-compaction-mode", "revision",
             "--auto-compaction-retention", "100000", "--quota-backend-bytes", str(4 * 1024**3),
             stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)

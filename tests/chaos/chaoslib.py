@@ -379,22 +379,37 @@ class ChaosNetwork(Network):
 
 
 def sweep_stale() -> None:
-    """Namespaces, links, iptables rules and mounts a killed earlier chaos run left behind."""
-    for line in run(["ip", "netns", "list"], check=False).stdout.splitlines():
-        name = line.split(" ")[0]
-        if name.startswith(NS_PREFIX):
+    """Namespaces, links, iptables rules and mounts a killed earlier chaos run left behind; never those of a run
+    still going (a namespace with processes in it is alive, and so is everything named with its tag, the run's
+    iptables rule and its tmpfs mounts)."""
+    tag_re = re.compile(rf"^{NS_PREFIX}(\d{{5}})")
+    namespaces = [ln.split(" ")[0] for ln in run(["ip", "netns", "list"], check=False).stdout.splitlines()]
+    live = set()
+    for name in namespaces:
+        m = tag_re.match(name)
+        if m and run(["ip", "netns", "pids", name], check=False).stdout.strip():
+            live.add(m.group(1))
+
+    def stale(name: str) -> bool:
+        m = tag_re.match(name)
+        return name.startswith(NS_PREFIX) and not (m and m.group(1) in live)
+
+    for name in namespaces:
+        if stale(name):
             run(["ip", "netns", "del", name], check=False)
     for line in run(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith(NS_PREFIX):
+        if stale(name):
             run(["ip", "link", "del", name], check=False)
-    for rule in run(["iptables", "-S", "FORWARD"], check=False).stdout.splitlines():
-        if "syncmesh-chaos" in rule and rule.startswith("-A "):
-            run(["iptables", "-D", *rule.split()[1:]], check=False)
+    if not live:
+        for rule in run(["iptables", "-S", "FORWARD"], check=False).stdout.splitlines():
+            if "syncmesh-chaos" in rule and rule.startswith("-A "):
+                run(["iptables", "-D", *rule.split()[1:]], check=False)
     with open("/proc/self/mountinfo") as fh:
-        points = [ln.split()[4] for ln in fh if f" {MOUNT_MARK}" in ln]
-    for mp in points:
-        run(["umount", "-l", mp], check=False)
+        for ln in fh:
+            m = re.search(rf" {MOUNT_MARK}(\d+) ", ln)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                run(["umount", "-l", ln.split()[4]], check=False)
 
 
 def netns_available() -> str | None:

@@ -111,6 +111,8 @@ def scenario(tmp_path: Path, seed: int, short: bool) -> Iterator[Callable[..., S
                 out.mkdir(parents=True, exist_ok=True)
                 for nd in s.nodes:
                     (out / f"{nd.name}.log").write_text(nd.log())
+                for f in s.tmp.glob("etcd/**/etcd.log"):  # the etcd members' own logs
+                    (out / f"etcd-{f.parent.name}.log").write_bytes(f.read_bytes())
                 (out / "ledger.txt").write_text("\n".join(
                     f"{w.t:.3f} {w.writer}#{w.seq} {w.path} {w.digest[:8]} base={(w.base or '-')[:8]} "
                     f"{'ok' if w.completed else 'failed'}" for w in s.ledger.writes))

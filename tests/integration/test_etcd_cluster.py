@@ -404,7 +404,8 @@ def test_host_name_endpoint_is_resolved_again_on_reconnect(dns_host, tmp_path, r
         n.ok("VolumeDriver.Create", {"Name": f"{volume}b"})
         took = time.monotonic() - t0
         print(f"\nname moved to another member: first Create took {took:.2f}s")
-        assert took < TIMEOUT
+        # a Create is several etcd requests, each bounded by etcd.timeout; the member behind the name may have led
+        assert took < 2 * TIMEOUT
         [ep] = _etcd_view(n)["endpoints"]
         assert ep["address"] == f"10.231.82.3:{port}", ep
         assert "now resolves to 10.231.82.3" in n.log()
