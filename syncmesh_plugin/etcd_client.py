@@ -86,7 +86,13 @@ def _rpc_error(exc: BaseException | None) -> grpc.aio.AioRpcError | None:
 def describe(exc: BaseException) -> str:
     rpc = _rpc_error(exc)
     if rpc is not None:
-        return f"{rpc.code().name}: {rpc.details()}"
+        detail = rpc.details() or ""
+        for cause in ("Connection refused", "Network is unreachable", "No route to host", "Connection reset"):
+            if cause in detail:  # gRPC's "failed to connect to all addresses; last error: ..." said shortly
+                return f"{rpc.code().name}: {cause.lower()}"
+        return f"{rpc.code().name}: {detail}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
     return str(exc) or type(exc).__name__
 
 
@@ -565,7 +571,9 @@ class EtcdConnection:
         out = []
         for ep in self.endpoints:
             h = ep.health
-            member = self.members.get(h.member_id, {}) if h else {}
+            member = self.members.get(h.member_id, {}) if h and h.member_id else {}
+            if not member:  # not answering: the member list still says whose endpoint it is
+                member = next((m for m in self.members.values() if ep.url in m["client_urls"]), {})
             out.append({
                 "endpoint": ep.url, "address": ep.address, "current": ep is self.current,
                 "healthy": bool(h and h.ok), "member": member.get("name", ""),

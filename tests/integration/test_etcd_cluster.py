@@ -141,6 +141,7 @@ def test_one_member_gone_no_docker_call_fails(mesh, etcd3, volume, how):
     out = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "status"], env=user.env, capture_output=True,
                          text=True, timeout=60)
     assert victim.endpoint in out.stdout and "DOWN" in out.stdout, out.stdout + out.stderr
+    print(out.stdout)
     # syncing goes on through the other members: the user's watch moved too
     for n in nodes:
         n.mount(f"{volume}{nodes[0].name}")
