@@ -393,6 +393,7 @@ class EtcdConnection:
         now = time.monotonic()
         ep.failures += 1
         ep.failed_at = now
+        ep.probe_streak = 0  # moving back to it ("preferred") needs good probes after this failure
         ep.last_error = f"{kind}: {exc if isinstance(exc, str) else describe(exc)}"
         if ep is self.current and len(self.endpoints) > 1:
             if all(now - e.failed_at < 1.0 for e in self.endpoints if e is not ep):

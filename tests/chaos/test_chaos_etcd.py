@@ -181,10 +181,15 @@ def test_etcd_member_replaced(scenario: Callable[..., Scenario], seed: int, shor
 
 @pytest.mark.chaos_slow
 def test_embedded_host_lost(scenario: Callable[..., Scenario], seed: int, short: bool) -> None:
-    """Three hosts with the embedded cluster (n1 alone, n2 and n3 join it): one host is lost for good (its
-    daemon and member SIGKILLed), the two others keep a quorum and go on, then forget it. Its writer stops
+    """Three hosts (network namespaces) with the embedded cluster (n1 alone, n2 and n3 join it; n1's member moves
+    from loopback to its address when n2 joins): one host is lost for good (its daemon and member SIGKILLed,
+    its link cut), the two others keep a quorum and go on, then forget it. Its writer stops
     first and its daemon publishes what it saw, so none of its completed writes may be lost."""
-    s = scenario("embedded-host-lost", embedded=True, SYNCMESH_ETCD_TIMEOUT="5s")
+    why = netns_available()
+    if why:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    net = ChaosNetwork(3).setup()  # three hosts on their own addresses: the members listen there, not on loopback
+    s = scenario("embedded-host-lost", embedded=True, net=net, SYNCMESH_ETCD_TIMEOUT="5s")
     running(s, short)
     victim = s.rng.choice(s.nodes)
     survivors = [n for n in s.nodes if n is not victim]
@@ -204,6 +209,7 @@ def test_embedded_host_lost(scenario: Callable[..., Scenario], seed: int, short:
     victim.kill()
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
+    net.link(s.nodes.index(victim) + 1, up=False)  # and its cable: nothing of it answers any more
     s.gone.append(victim)
     s.notes.append(f"host {victim.name} lost for good")
     s.sleep(6 if short else 12)
