@@ -596,3 +596,19 @@ def test_cli_missing_config_file_exits_2(clean_env: None, tmp_path: Path) -> Non
     result = CliRunner().invoke(main, ["config", "show", "--config", missing])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"syncmesh-plugin: configuration error: config file not found: {missing}"
+
+
+def test_join_grows_an_embedded_cluster_over_plain_http_only(hostname: None) -> None:
+    plain = {"SYNCMESH_SECURITY_TLS_ENABLED": "false"}
+    cfg = load_config(None, {**plain, "SYNCMESH_JOIN": "http://10.0.0.5:7734"})
+    assert cfg.join == "http://10.0.0.5:7734" and cfg.embedded_etcd and cfg.etcd.embedded_members == 3
+    assert load_config(None, {**plain, "SYNCMESH_ETCD_EMBEDDED_MEMBERS": "5"}).etcd.embedded_members == 5
+    with pytest.raises(ConfigError, match="plain HTTP"):  # the members' TLS is not built: never silently in clear
+        load_config(None, {"SYNCMESH_JOIN": "http://10.0.0.5:7734"})
+    with pytest.raises(ConfigError, match="one or the other"):
+        load_config(None, {**plain, "SYNCMESH_JOIN": "http://h:7734", "SYNCMESH_ETCD_ENDPOINTS": "http://e:2379"})
+    with pytest.raises(ConfigError, match=r"^join: expected"):
+        load_config(None, {**plain, "SYNCMESH_JOIN": "host1:7734"})
+    for bad in ("0", "8"):
+        with pytest.raises(ConfigError, match=r"etcd\.embedded_members"):
+            load_config(None, {**plain, "SYNCMESH_ETCD_EMBEDDED_MEMBERS": bad})
