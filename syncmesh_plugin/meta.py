@@ -722,15 +722,18 @@ class EtcdStore:
         return await self.cas_put_many([(self.keys.file_key(volume, p), v, base) for p, v, base in items],
                                        self.keys.head_key(volume))
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str) -> int:
         """Remove a volume from the cluster: its record, manifests, mounts, holders, progress, head key, in one
-        transaction (all or nothing, and one request however many members the failover has to try)."""
+        transaction (all or nothing, and one request however many members the failover has to try).
+        Returns the revision of the removal."""
         from etcd3aio.kv import KVService
 
         ops = [KVService.txn_op_delete(self.keys.volume_key(name))]
         ops += [KVService.txn_op_delete(p, range_end=prefix_range_end(p)) for p in self.keys.volume_prefixes(name)]
         ops.append(KVService.txn_op_delete(self.keys.head_key(name)))
-        await self._call("delete", lambda: self._kv.txn([], ops, timeout=self.timeout * 4), timeout=self.timeout * 4)
+        resp = await self._call("delete", lambda: self._kv.txn([], ops, timeout=self.timeout * 4),
+                                timeout=self.timeout * 4)
+        return int(resp.header.revision)
 
     # ---- the cluster's PKI (values are JSON; autotls.py verifies every signature, etcd is not trusted)
     async def trust_bundle(self) -> KV | None:

@@ -62,6 +62,7 @@ class VolumeManager:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._watch_task: asyncio.Task[None] | None = None
         self.on_release: Callable[[str], None] = lambda name: None  # ops stops writing its replica record
+        self._removed: dict[str, int] = {}  # volume -> etcd revision of its removal from this node
 
     # ---- helpers
     def mountpoint(self, name: str) -> str:
@@ -250,7 +251,8 @@ class VolumeManager:
                 raise VolumeError(self._in_use(name, local, others))
             store = self._store()
             try:
-                await store.delete_volume(name)
+                # The registry watch may still deliver the volume's older records: they must not bring it back.
+                self._removed[name] = await store.delete_volume(name)
             except EtcdUnavailable as exc:
                 raise ClusterUnavailable(str(exc)) from None
             await self._drop_local(name)
@@ -604,7 +606,7 @@ class VolumeManager:
                             async with self._locks[name]:
                                 if self.state.volume(name) is not None:
                                     await self._drop_local(name)
-                        else:
+                        elif ev.mod_revision > self._removed.get(name, 0):
                             with contextlib.suppress(ValueError):
                                 record = loads(ev.value)
                                 self.state.put_volume(name, record, ev.mod_revision)
