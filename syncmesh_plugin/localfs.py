@@ -481,18 +481,26 @@ def rename_local(root: str, src: str, dst: str, replace: bool = True,
         os.close(sfd)
 
 
-def read_range(root: str, rel: str, offset: int, length: int) -> bytes | None:
-    """Bytes of a local file (a chunk source), refusing symlinked parents; None if unavailable."""
+def _open_source(root: str, rel: str) -> int | None:
+    """A read-only fd of a local file used as a source (of chunks, of copied ranges), refusing
+    symlinked parents and a symlink itself; None if it cannot be had."""
     try:
         dfd = open_parent_dir(root, rel, create=False)
     except (OSError, PathError):
         return None
     try:
-        fd = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        return os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return None
     finally:
         os.close(dfd)
+
+
+def read_range(root: str, rel: str, offset: int, length: int) -> bytes | None:
+    """Bytes of a local file (a chunk source), refusing symlinked parents; None if unavailable."""
+    fd = _open_source(root, rel)
+    if fd is None:
+        return None
     try:
         data = os.pread(fd, length, offset)
         return data if len(data) == length else None
@@ -530,16 +538,9 @@ def copy_ranges(root: str, rel: str, expect: tuple[int, int, int, int], dst: int
     ctime_ns, inode) before and after the copy (the same test that tells an unchanged file from a
     changed one everywhere else). False when it is not (nothing copied can be trusted) or the copy
     failed; the caller then reads and verifies the chunks instead."""
-    try:
-        dfd = open_parent_dir(root, rel, create=False)
-    except (OSError, PathError):
+    src = _open_source(root, rel)
+    if src is None:
         return False
-    try:
-        src = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return False
-    finally:
-        os.close(dfd)
 
     def same() -> bool:
         s = os.fstat(src)
