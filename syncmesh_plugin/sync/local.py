@@ -32,7 +32,7 @@ class LocalChanges(Stage):
             self.vol.local_warned_at = time.monotonic()
             log.warning("volume %s: %d local change(s) on a receive-only replica are kept here and not published "
                         "(e.g. %s); `syncmesh-plugin revert %s` takes the cluster's version back", self.name,
-                        len(self.vol.local_changes), sorted(self.vol.local_changes)[0], self.name,
+                        len(self.vol.local_changes), min(self.vol.local_changes), self.name,
                         extra={"volume": self.name})
 
     async def revert(self, path: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -297,7 +298,7 @@ class VolumeSync:
             "watcher_reason": (w.degraded_reason or "") if w else "",
             "paused": self.paused, "deferred": len(self.deferred), **self.guard.describe(),
             "role": self.role.value, "local_changes": len(self.local_changes),
-            "local_changes_sample": sorted(self.local_changes)[:20], "remote_ignored": len(self.remote_ignored),
+            "local_changes_sample": heapq.nsmallest(20, self.local_changes), "remote_ignored": len(self.remote_ignored),
         }
 
     async def resync(self, path: str | None = None) -> dict[str, Any]:
