@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -104,7 +105,7 @@ class ClusterPki:
                 if ca is not None:
                     crls[pki.fingerprint(ca)] = crl
             cert = pki.load_cert(cert_raw)
-            pki.load_key(key_raw)
+            key = pki.load_key(key_raw)
         except PkiError as exc:
             log.warning("ignoring the PKI state in %s: %s", self.files.dir, exc)
             return False
@@ -115,6 +116,8 @@ class ClusterPki:
             return False
         if not any(pki.issued_by(cert, ca) for ca in bundle.cas):
             log.warning("this node's certificate is not of a CA it trusts; it will ask for a new one")
+        if not os.path.exists(self.files.identity) and key.public_key() == cert.public_key():
+            self.files.write(self.files.identity, key_raw + cert_raw, 0o600)  # data roots of earlier versions
         self.bundle, self.crls, self.cert = bundle, crls, cert
         self._recompute_revoked()
         self._rebuild()
@@ -140,6 +143,7 @@ class ClusterPki:
         # at the handshake and the next start renews; never a certificate without its key.
         self.files.write(self.files.node_key, pki.key_pem(key), 0o600)
         self.files.write(self.files.node_cert, pki.cert_pem(cert).encode(), 0o644)
+        self.files.write(self.files.identity, pki.key_pem(key) + pki.cert_pem(cert).encode(), 0o600)
         self.cert = cert
 
     @staticmethod
@@ -754,9 +758,12 @@ class PkiApi:
 
 
 def api_credentials(data_root: str) -> tuple[str, str, str] | None:
-    """(certificate, key, trust file) of the node whose data root this is, if they can be read (root)."""
+    """(certificate, key, trust file) of the node whose data root this is, if they can be read (root). The
+    certificate and key come from the one identity file when there is one (a renewal replaces it whole)."""
     files = PkiDir(data_root)
     paths = (files.node_cert, files.node_key, files.trust_pem)
+    if os.path.exists(files.identity):
+        paths = (files.identity, files.identity, files.trust_pem)
     try:
         for p in paths:
             with open(p, "rb"):

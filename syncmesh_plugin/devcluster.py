@@ -334,7 +334,9 @@ class Node:
 
     def ssl_context(self) -> ssl.SSLContext:
         """The node's own certificate and trust, as the CLI on its host uses them (reloaded after a renewal)."""
-        cert, key, trust = (self.pki_dir / "node.pem", self.pki_dir / "node-key.pem", self.pki_dir / "trust.pem")
+        # the one identity file: a renewal replaces key and certificate together (never a pair that mismatches)
+        cert, key, trust = (self.pki_dir / "node-identity.pem", self.pki_dir / "node-identity.pem",
+                            self.pki_dir / "trust.pem")
         try:
             stamp = max(cert.stat().st_mtime, trust.stat().st_mtime)
         except FileNotFoundError:

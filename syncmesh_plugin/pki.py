@@ -392,6 +392,9 @@ class PkiDir:
     """`<data_root>/pki`: what a node keeps, and the CA keys on the signer.
 
     node.pem, node-key.pem   this node's certificate and key (the key 0600)
+    node-identity.pem        the same key and certificate in one file (0600), replaced in one rename: what
+                             the CLI and the embedded etcd load, so a renewal never shows them a new
+                             certificate with the old key
     trust.json               the trust bundle and the CRLs this node accepted
     trust.pem                the same CAs and CRLs as PEM, for ssl (load_verify_locations)
     admin-token, readonly-token   this node's API tokens (0600)
@@ -405,6 +408,7 @@ class PkiDir:
         self.ca_dir = os.path.join(self.dir, "ca")
         self.node_cert = os.path.join(self.dir, "node.pem")
         self.node_key = os.path.join(self.dir, "node-key.pem")
+        self.identity = os.path.join(self.dir, "node-identity.pem")
         self.trust_json = os.path.join(self.dir, "trust.json")
         self.trust_pem = os.path.join(self.dir, "trust.pem")
         self.admin_token = os.path.join(self.dir, "admin-token")

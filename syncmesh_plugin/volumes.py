@@ -63,6 +63,7 @@ class VolumeManager:
         self._watch_task: asyncio.Task[None] | None = None
         self.on_release: Callable[[str], None] = lambda name: None  # ops stops writing its replica record
         self._removed: dict[str, int] = {}  # volume -> etcd revision of its removal from this node
+        self._dropping: set[str] = set()  # being removed here: no longer listed while its data goes
 
     # ---- helpers
     def mountpoint(self, name: str) -> str:
@@ -84,7 +85,7 @@ class VolumeManager:
 
     def _known(self, name: str) -> dict[str, Any]:
         rec = self.state.volume(name)
-        if rec is None:
+        if rec is None or name in self._dropping:
             raise VolumeError(f"no such volume: {name}")
         return rec
 
@@ -156,7 +157,7 @@ class VolumeManager:
 
     def list(self) -> list[dict[str, Any]]:
         return [{"Name": n, "Mountpoint": self.mountpoint(n), "CreatedAt": _rfc3339(float(r.get("created_at", 0)))}
-                for n, r in sorted(self.state.volumes().items())]
+                for n, r in sorted(self.state.volumes().items()) if n not in self._dropping]
 
     def path(self, name: Any) -> str:
         name = validate_name(name)
@@ -266,6 +267,13 @@ class VolumeManager:
                 f"using it there first (docker volume rm removes a syncmesh volume on every node)")
 
     async def _drop_local(self, name: str) -> None:
+        self._dropping.add(name)
+        try:
+            await self._drop_local_now(name)
+        finally:
+            self._dropping.discard(name)
+
+    async def _drop_local_now(self, name: str) -> None:
         m = self.get_membership()
         if m is not None:
             m.forget(m.store.keys.holders_prefix(name))
