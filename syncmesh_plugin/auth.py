@@ -4,8 +4,11 @@ With the cluster's own PKI (security.tls_enabled with no certificate files, the 
 locked whatever `security.auth_enabled` says: a client certificate of the cluster's CA is an admin (the
 peers, and the CLI on a node's host, which reads the node's certificate from the data root); without
 one a token is needed (the node's own tokens in <data_root>/pki, plus any configured); /metrics also
-answers GETs from the node's own host (loopback). A request on a connection whose certificate has been
-revoked since the handshake is refused (403) and the connection closed.
+answers GETs from the node's own host (loopback), and a host joining the embedded etcd cluster may
+ask for its place without a certificate, since it has none yet: that request carries the join token's
+proof, which the handler has checked by the signer before anything is granted. A request on a
+connection whose certificate has been revoked since the handshake is refused (403) and the connection
+closed.
 
 Two roles:
 
@@ -44,6 +47,7 @@ ADMIN = "admin"
 READONLY = "readonly"
 HEALTH_PATH = "/api/v1/health"
 METRICS_PATHS = frozenset({"/metrics", "/api/v1/metrics"})
+ETCD_JOIN_PATH = "/api/v1/cluster/etcd/members"  # proves itself with the join token (api/cluster.py)
 CHUNKS_PREFIX = "/api/v1/chunks/"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -128,6 +132,7 @@ class AutoAccess:
     admin_tokens: Sequence[str]  # this node's own (pki/admin-token), beside security.auth_tokens
     readonly_tokens: Sequence[str]
     revoked: Callable[[], frozenset[str]]  # serials revoked since connections were opened
+    etcd_join: bool = False  # this node runs an embedded etcd: hosts without a certificate may ask to join
 
 
 def make_middleware(
@@ -161,6 +166,9 @@ def make_middleware(
         if (auto is not None and request.path in METRICS_PATHS and request.method in READ_METHODS
                 and _loopback(request.remote)):
             public = True  # Prometheus or curl on the node's own host
+        if (auto is not None and auto.etcd_join and request.path == ETCD_JOIN_PATH and request.method == "POST"
+                and peer is None):
+            public = True  # a joining host without a certificate: the join token's proof is checked instead
         if enabled and not public:
             role = ADMIN if peer is not None else checker.role(bearer_token(request))
             if role is None:

@@ -84,6 +84,7 @@ class ClusterPki:
         self._crl_rev = 0
         self._reported: dict[str, Any] = {}
         self._logged: dict[str, float] = {}
+        self._founded = False  # found_locally: the bundle is published once etcd runs
 
     # ---- local state -----------------------------------------------------------------------------------------
     @property
@@ -118,6 +119,8 @@ class ClusterPki:
             log.warning("this node's certificate is not of a CA it trusts; it will ask for a new one")
         if not os.path.exists(self.files.identity) and key.public_key() == cert.public_key():
             self.files.write(self.files.identity, key_raw + cert_raw, 0o600)  # data roots of earlier versions
+        if not os.path.exists(self.files.trust_cas):
+            self.files.write(self.files.trust_cas, pki.ca_material(bundle), 0o644)
         self.bundle, self.crls, self.cert = bundle, crls, cert
         self._recompute_revoked()
         self._rebuild()
@@ -128,6 +131,7 @@ class ClusterPki:
         self.files.write_json(self.files.trust_json, {"bundle": self.bundle.to_json(),
                                                       "crls": [pki.crl_pem(c) for c in self.crls.values()]})
         self.files.write(self.files.trust_pem, pki.ssl_verify_material(self.bundle, list(self.crls.values())), 0o644)
+        self.files.write(self.files.trust_cas, pki.ca_material(self.bundle), 0o644)
 
     def _rebuild(self) -> None:
         """New server and client contexts from the files: every connection from now on uses them."""
@@ -235,7 +239,10 @@ class ClusterPki:
             if kv is None and self.is_signer:
                 await self._publish_bundle(self.bundle, create=True)
                 await self._publish_crls()
-                log.warning("the trust bundle was missing from etcd: published this node's again")
+                if self._founded:
+                    self._founded = False  # the CA made before the embedded etcd started: now in etcd
+                else:
+                    log.warning("the trust bundle was missing from etcd: published this node's again")
             await self.refresh()
             return
         if kv is None:
@@ -329,31 +336,114 @@ class ClusterPki:
     async def _request(self, csr: x509.CertificateSigningRequest, proof: dict[str, Any],
                        key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         """Write the request to etcd and wait for the signer's answer."""
+        assert self.bundle is not None
+        cert = pki.load_cert(await self._ask_signer(self.node, {"csr": pki.csr_pem(csr), "proof": proof}))
+        if cert.public_key() != key.public_key() or pki.common_name(cert) != self.node:
+            raise PkiError("the signer's answer is not a certificate of this node's key")
+        ca = self.bundle.ca(self.bundle.current)
+        if ca is None or not pki.issued_by(cert, ca):
+            # the bundle may have moved on meanwhile (rotation): any CA we trust will do
+            if self._ca_of(cert) is None:
+                raise PkiError("the signer's answer is not signed by a CA of the cluster")
+        return cert
+
+    async def _ask_signer(self, node: str, rec: dict[str, Any]) -> str:
+        """Put `node`'s request (csr, proof) in etcd and wait for the signer's answer: the certificate (PEM)."""
         assert self._store is not None and self.bundle is not None
         req = secrets.token_hex(8)
-        await self._store.put_cert_request(self.node, dumps({"csr": pki.csr_pem(csr), "proof": proof, "req": req,
-                                                             "at": time.time()}))
+        await self._store.put_cert_request(node, dumps({**rec, "req": req, "at": time.time()}))
         deadline = time.monotonic() + ANSWER_TIMEOUT
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            kv = await self._store.cert_answer(self.node)
+            kv = await self._store.cert_answer(node)
             ans = record(kv.value) if kv is not None else None
             if ans is None or ans.get("req") != req:
                 continue
             if "error" in ans:
-                raise PkiError(f"the signer ({self.bundle.signer}) refused this node's certificate request: "
+                raise PkiError(f"the signer ({self.bundle.signer}) refused the certificate request of {node}: "
                                f"{str(ans['error'])[:300]}")
-            cert = pki.load_cert(str(ans.get("cert", "")))
-            if cert.public_key() != key.public_key() or pki.common_name(cert) != self.node:
-                raise PkiError("the signer's answer is not a certificate of this node's key")
-            ca = self.bundle.ca(self.bundle.current)
-            if ca is None or not pki.issued_by(cert, ca):
-                # the bundle may have moved on meanwhile (rotation): any CA we trust will do
-                if self._ca_of(cert) is None:
-                    raise PkiError("the signer's answer is not signed by a CA of the cluster")
-            return cert
-        raise PkiError(f"no answer to this node's certificate request within {ANSWER_TIMEOUT:.0f}s: is the signer "
+            return str(ans.get("cert", ""))
+        raise PkiError(f"no answer to the certificate request of {node} within {ANSWER_TIMEOUT:.0f}s: is the signer "
                        f"({self.bundle.signer}) running and connected to etcd?")
+
+    # ---- an embedded etcd cluster: its members serve with the cluster's certificates, so the founder makes
+    # the CA before its member starts, and a joining host gets its certificate through the API it joins by
+    def found_locally(self) -> None:
+        """The first node of an embedded etcd makes the cluster's CA and its own certificate before its member
+        starts (the member serves TLS with them); bootstrap publishes the trust bundle once etcd runs."""
+        ca_cert, ca_key = pki.new_ca(f"syncmesh cluster CA {secrets.token_hex(4)}")
+        fp = self.files.save_ca(ca_cert, ca_key)
+        self.bundle = Bundle(1, [ca_cert], fp, self.node).sign({fp: ca_key})
+        self.crls = {fp: pki.make_crl(ca_cert, ca_key, [], 1)}
+        self._write_join_token(pki.new_secret())
+        self._save_trust()
+        self._sign_own()
+        self._founded = True
+        log.warning("created the cluster CA %s; this node signs the other nodes' certificates. Other hosts join "
+                    "with SYNCMESH_JOIN and the token `syncmesh-plugin token` prints here (SYNCMESH_JOIN_TOKEN)",
+                    fp[:16])
+
+    def join_request(self) -> tuple[ec.EllipticCurvePrivateKey, dict[str, str]]:
+        """A new key and what a joining host sends with its join: the request and the join token's proof."""
+        if self.token is None:
+            raise PkiError("joining an embedded etcd cluster under TLS needs the cluster's join token: run "
+                           "`syncmesh-plugin token` on a node of the cluster and give it to this node "
+                           "(join_token / SYNCMESH_JOIN_TOKEN)")
+        key = pki.new_key()
+        csr = pki.make_csr(key, self.node, self.hosts)
+        return key, {"csr": pki.csr_pem(csr), "hmac": pki.join_proof(self.token.secret, self.node, pki.csr_der(csr))}
+
+    async def sign_joiner(self, node: str, csr_pem: Any, hmac: Any) -> dict[str, Any]:
+        """The node asked to let `node` join: its certificate (the signer checks the join token's proof) and the
+        cluster's trust, which the joiner checks against its token."""
+        if not isinstance(csr_pem, str) or not isinstance(hmac, str) or self.bundle is None:
+            raise PkiError("a join under TLS carries a certificate request and the join token's proof (csr, hmac)")
+        rec = {"csr": csr_pem, "proof": {"kind": "join", "hmac": hmac}}
+        cert = self.decide(node, rec)["cert"] if self.is_signer else await self._ask_signer(node, rec)
+        return {"cert": cert, "bundle": self.bundle.to_json(), "crls": [pki.crl_pem(c) for c in self.crls.values()]}
+
+    def adopt(self, answer: dict[str, Any], key: ec.EllipticCurvePrivateKey, *, server_cert: bytes | None) -> None:
+        """The joiner's side: take the certificate and trust the node asked answered with, once they check out
+        against the join token (the CA it names) and this node's key."""
+        assert self.token is not None
+        try:
+            bundle = Bundle.from_json(answer.get("bundle"))
+            cert = pki.load_cert(str(answer.get("cert", "")))
+            crls = [pki.load_crl(p) for p in answer.get("crls", []) if isinstance(p, str)]
+        except (PkiError, ValueError, TypeError) as exc:
+            raise PkiError(f"the join answer's certificate or trust is unreadable ({exc})") from None
+        if not pki.accept_with_token(bundle, self.token):
+            raise PkiError("the CA of the cluster asked does not match the join token (a token of another cluster, "
+                           "or the CA was rotated since: get the current one with `syncmesh-plugin token`)")
+        if cert.public_key() != key.public_key() or pki.common_name(cert) != self.node:
+            raise PkiError("the join answer's certificate is not one of this node's key")
+        if not any(pki.issued_by(cert, ca) for ca in bundle.cas):
+            raise PkiError("the join answer's certificate is not signed by the cluster's CA")
+        if server_cert is None or not self._trusted_by(bundle, server_cert):
+            raise PkiError("the node asked to join served a certificate that is not of the cluster's CA (the CA "
+                           "the join token names): refusing its answer")
+        self.bundle = bundle
+        self.crls = {}
+        for crl in crls:
+            ca = self._issuer_of_crl(bundle, crl)
+            if ca is not None:
+                self.crls[pki.fingerprint(ca)] = crl
+        self._save_trust()
+        self._save_identity(key, cert)
+        self._recompute_revoked()
+        self._rebuild()
+        log.info("joined the cluster: certificate %s from CA %s (signer %s), valid until %s",
+                 pki.serial_hex(cert.serial_number), bundle.current[:16], bundle.signer,
+                 cert.not_valid_after_utc.isoformat(timespec="seconds"))
+
+    @staticmethod
+    def _trusted_by(bundle: Bundle, der: bytes) -> bool:
+        """A certificate (DER) issued by a CA of the bundle."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return False
+        return any(pki.issued_by(cert, ca) for ca in bundle.cas)
 
     # ---- keeping current -------------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -755,6 +845,9 @@ class PkiApi:
         if self.pki.is_signer:
             return {"join_token": await self.pki.rotate_token()}
         return await self._at_signer("/api/v1/pki/join-token/rotate")
+
+    async def sign_joiner(self, node: str, csr_pem: Any, hmac: Any) -> dict[str, Any]:
+        return await self.pki.sign_joiner(node, csr_pem, hmac)
 
 
 def api_credentials(data_root: str) -> tuple[str, str, str] | None:

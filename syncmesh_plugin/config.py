@@ -319,9 +319,12 @@ def _validate(cfg: Config) -> Config:
     if cfg.join and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", cfg.join):
         raise bad("join", "the URL of another node's API, like http://10.0.0.5:7734", cfg.join)
     if cfg.join and cfg.tls_mode == "auto":
-        raise ConfigError("join: the members of an embedded etcd cluster talk plain HTTP (the cluster's own TLS does "
-                          "not cover etcd yet): set security.tls_enabled: false on every node to grow one on a "
-                          "network you trust, or give every node etcd.endpoints of an etcd cluster run with TLS")
+        if not cfg.join.startswith("https://"):
+            raise bad("join", "the https:// URL of another node's API (TLS is on: security.tls_enabled)", cfg.join)
+        if not str(cfg.join_token):
+            raise ConfigError("join: under TLS a joining host proves itself with the cluster's join token: run "
+                              "`syncmesh-plugin token` on a node of the cluster and set join_token "
+                              "(SYNCMESH_JOIN_TOKEN) as well")
     if cfg.join and cfg.etcd.endpoints:
         raise ConfigError("join: grows an embedded etcd cluster; with etcd.endpoints set this node uses that etcd "
                           "(set one or the other)")

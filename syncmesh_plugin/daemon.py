@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -30,7 +31,7 @@ from .autotls import ClusterPki, PkiApi
 from .config import Config
 from .engine import Engine, EngineContext, VolumeSync
 from .etcd_cluster import EmbeddedCluster
-from .etcd_embedded import EmbeddedEtcd, MemberRemoved
+from .etcd_embedded import EmbeddedEtcd, MemberRemoved, MemberTls
 from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
 from .meta import EtcdStore, EtcdUnavailable
@@ -113,7 +114,8 @@ class Daemon:
         # must reach it.
         self.etcd_cluster = EmbeddedCluster(cfg.node_id, store=lambda: self.store, embedded=lambda: self.embedded,
                                             max_members=cfg.etcd.embedded_members,
-                                            host=urlsplit(self.advertise).hostname or "127.0.0.1")
+                                            host=urlsplit(self.advertise).hostname or "127.0.0.1",
+                                            auth=cfg.tls_mode == "auto")
         self.etcd_endpoints: list[str] = list(cfg.etcd.endpoints)
         self.etcd_ready = asyncio.Event()
         self.etcd_ok = False
@@ -209,7 +211,8 @@ class Daemon:
         if self.pki is not None:
             p = self.pki
             admin, readonly = p.files.api_tokens()
-            access = AutoAccess(admin_tokens=[admin], readonly_tokens=[readonly], revoked=lambda: p.revoked)
+            access = AutoAccess(admin_tokens=[admin], readonly_tokens=[readonly], revoked=lambda: p.revoked,
+                                etcd_join=cfg.embedded_etcd)
             control = PkiApi(p, session=lambda: self._session, nodes=self._live_nodes)
         return api.make_app(api.ApiDeps(
             node=node, security=cfg.security, monitoring=cfg.monitoring.enabled,
@@ -304,9 +307,17 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self.housekeeper.run(), name="housekeeping"))
         if self.pki is not None:
             self._tasks.append(asyncio.create_task(self.pki.run(), name="pki"))
+            if self.cfg.embedded_etcd:
+                self._tasks.append(asyncio.create_task(self._follow_certificates(), name="etcd-certificates"))
         assert self.manager is not None  # made by start() before this loop
         self._tasks.append(asyncio.create_task(self.manager.placement_loop(), name="placement"))
         self._tasks.append(asyncio.create_task(self.manager.trash_loop(), name="trash"))
+
+    def _member_tls(self) -> MemberTls | None:
+        """Under the cluster's own PKI the embedded member serves and dials with this node's certificate."""
+        if self.pki is None:
+            return None
+        return MemberTls(self.pki.files.identity, self.pki.files.trust_cas)
 
     async def _start_embedded(self) -> None:
         """The embedded etcd: alone, a member of the cluster this node joined (`join`), or none at all when the
@@ -316,8 +327,15 @@ class Daemon:
         if role.get("role") == "client" and role.get("endpoints"):
             self.etcd_endpoints = [str(e) for e in role["endpoints"]]
             return
+        tls = self._member_tls()
         emb = EmbeddedEtcd(root, cfg.node_id, cfg.etcd.embedded_client_port, cfg.etcd.embedded_peer_port,
-                           host=self.etcd_cluster.host)
+                           host=self.etcd_cluster.host, tls=tls)
+        if emb.has_data() and self.pki is not None and not self.pki.ready:
+            # a member started before this node had a certificate (a data root of an earlier version): it runs
+            # on loopback without TLS this once; from the next start on it serves with the certificate
+            log.warning("embedded etcd: this node has no certificate of the cluster's CA yet; its member runs on "
+                        "loopback without TLS until the next start")
+            emb.tls = None
         if emb.has_data():
             try:
                 await emb.start()
@@ -327,10 +345,9 @@ class Daemon:
                 log.warning("this node's etcd member was removed from the cluster (forget); its data is kept in %s "
                             "and the node joins %s again", emb.set_aside(), cfg.join)
         if not emb.has_data() and cfg.join:
-            assert self._session is not None
             host = self.etcd_cluster.host
-            plan = await etcd_cluster.ask_to_join(self._session, cfg.join, cfg.node_id, emb.peer_url_on(host),
-                                                  f"http://{host}:{emb.client_port}")
+            emb.remember_ports()  # a join retried asks with the same peer URL (the member added the first time)
+            plan = await self._ask_to_join(emb.peer_url_on(host), emb.client_url_on(host))
             if not plan.member:
                 etcd_cluster.save_role(root, "client", plan.endpoints)
                 self.etcd_endpoints = plan.endpoints
@@ -342,16 +359,47 @@ class Daemon:
             role = {"role": "member", "endpoints": plan.endpoints}
             log.warning("embedded etcd joined the cluster of %s as a learner (data in %s)", cfg.join, emb.data_dir)
         elif not emb.has_data() or emb.proc is None:
+            if emb.tls is not None and self.pki is not None and not self.pki.ready:
+                self.pki.found_locally()  # the founder: the member serves with the cluster's certificates
             await emb.start()
         self.embedded = emb
         others = [str(e) for e in role.get("endpoints", []) if str(e) != emb.endpoint]
         self.etcd_endpoints = [emb.endpoint, *others]
-        log.info("embedded etcd started on %s (data in %s)", emb.endpoint, emb.data_dir)
+        log.info("embedded etcd started on %s (data in %s%s)", emb.endpoint, emb.data_dir,
+                 ", mutual TLS with the cluster's CA" if emb.tls is not None else "")
+
+    async def _ask_to_join(self, peer_url: str, client_url: str) -> etcd_cluster.JoinPlan:
+        """Ask `join` for a place in its embedded etcd cluster. Under the cluster's own PKI a node without a
+        certificate sends a request with its join token's proof and takes the certificate and trust of the
+        answer once they check out against the token (and the node asked served a certificate of that CA)."""
+        assert self._session is not None
+        request: dict[str, Any] = {"node": self.cfg.node_id, "peer_urls": [peer_url], "client_urls": [client_url]}
+        if self.pki is None or self.pki.ready:
+            return (await etcd_cluster.ask_to_join(self._session, self.cfg.join, request)).plan
+        key, proof = self.pki.join_request()
+        # No trust yet: the node asked is pinned to the certificate it serves, which must turn out to be of the
+        # CA the join token names (checked with the answer's trust bundle in adopt).
+        target = urlsplit(self.cfg.join)
+        try:
+            pem = await asyncio.to_thread(ssl.get_server_certificate, (target.hostname or "", target.port or 443),
+                                          timeout=10)
+        except OSError as exc:
+            raise etcd_cluster.JoinRefused(f"cannot reach {self.cfg.join}: {exc}") from None
+        der = ssl.PEM_cert_to_DER_cert(pem)
+        answer = await etcd_cluster.ask_to_join(self._session, self.cfg.join, {**request, **proof},
+                                                ssl=aiohttp.Fingerprint(hashlib.sha256(der).digest()))
+        if "cert" not in answer.body:
+            raise etcd_cluster.JoinRefused(f"{self.cfg.join} answered without a certificate for this node (a node "
+                                           "with security.tls_enabled false?)")
+        self.pki.adopt(answer.body, key, server_cert=der)
+        if not self._http_started:
+            await self._start_http()
+        return answer.plan
 
     async def _connect(self) -> None:
         if self.cfg.embedded_etcd and self.embedded is None:
             await self._start_embedded()
-        store = EtcdStore(self.cfg.etcd, self.etcd_endpoints)
+        store = EtcdStore(self.cfg.etcd, self.etcd_endpoints, tls_files=self._etcd_tls_files())
         store.request_hook = metrics.etcd_hook
         store.failover_hook = metrics.etcd_failover_hook
         await store.connect()
@@ -369,6 +417,12 @@ class Daemon:
                 raise
             if not self._http_started:
                 await self._start_http()
+        if self.embedded is not None and self.embedded.tls is not None:
+            try:
+                await store.enable_cert_auth(self.cfg.node_id)  # once, by the founder; harmless after
+            except BaseException:
+                await store.close()
+                raise
         membership = Membership(store, self.cfg.node_id, load_identity(self.cfg.state_dir), self.advertise,
                                 self.cfg.etcd.lease_ttl)
         try:
@@ -393,6 +447,38 @@ class Daemon:
         clear = self._etcd_in_clear()
         if clear:
             log.warning("%s", ETCD_PLAIN_WARNING.format(", ".join(clear)))
+
+    def _etcd_tls_files(self) -> tuple[str, str, str] | None:
+        """An embedded cluster under the cluster's own PKI: etcd is dialled with this node's certificate."""
+        if not self.cfg.embedded_etcd or self.pki is None or not self.pki.ready:
+            return None
+        if not any(e.startswith("https://") for e in self.etcd_endpoints):
+            return None
+        files = self.pki.files
+        return files.trust_cas, files.identity, files.identity
+
+    async def _follow_certificates(self) -> None:
+        """A renewal or a CA rotation changed this node's certificate or trust: the etcd client dials with the
+        new ones, and the embedded member (which reads its trusted CAs when it starts) restarts on a change of
+        trust; the others answer meanwhile."""
+        assert self.pki is not None
+        files = self.pki.files
+
+        seen = (files.read(files.identity), files.read(files.trust_cas))
+        while True:
+            await asyncio.sleep(5.0)
+            now = (files.read(files.identity), files.read(files.trust_cas))
+            if now == seen:
+                continue
+            trust_changed = now[1] != seen[1]
+            seen = now
+            if self.store is not None and self.store.tls_files is not None:
+                self.store.reload_tls()
+            emb = self.embedded
+            if trust_changed and emb is not None and emb.tls is not None and emb.proc is not None:
+                log.info("embedded etcd: the cluster's trust changed; restarting the member to load it")
+                await emb.stop()
+                await emb.start(existing=True)
 
     async def _monitor_etcd(self) -> None:
         while True:
@@ -487,7 +573,7 @@ class Daemon:
         return {"endpoint": view["current"], "failovers": view["failovers"], "members": members, "degraded": down}
 
     def _etcd_in_clear(self) -> list[str]:
-        if self.cfg.etcd.tls_ca_file or self.cfg.etcd.tls_cert_file:
+        if self.cfg.etcd.tls_ca_file or self.cfg.etcd.tls_cert_file or (self.store and self.store.tls_files):
             return []  # TLS to etcd whatever the endpoints' scheme (meta.EtcdStore._tls_material)
         return plain_etcd(self.etcd_endpoints)
 

@@ -233,6 +233,13 @@ class EtcdConnection:
         if getattr(self, "current", None) is not None and self.current not in fresh:
             self.current = fresh[0]
 
+    def set_tls(self, tls: TLS) -> None:
+        """New TLS material (a renewed certificate, a rotated CA): every channel is made again with it on its
+        next use; streams on the old ones are interrupted and resume (watches from their revision)."""
+        self.tls = tls
+        for ep in self.endpoints:
+            self._drop_channel(ep)
+
     @property
     def urls(self) -> list[str]:
         return [ep.url for ep in self.endpoints]

@@ -16,9 +16,14 @@ moves its member there (etcd member update, then a restart of its member) when t
 another host joins. Every node's endpoints follow the member list, its own member first. A member host
 gone for good is removed with `syncmesh-plugin forget NODE` (member names are node ids).
 
-Not built yet: the members talk to each other and to the daemons over plain HTTP (the cluster's own
-certificates are not used for etcd), and the join request is authenticated only as the API is (open
-with security.tls_enabled false; an admin token otherwise). Use it on a network you trust.
+With the cluster's own PKI (security.tls_enabled, the default) the members talk to each other and to
+every daemon over mutual TLS with the cluster's certificates, and etcd authentication is on: each node is
+an etcd user named by its certificate's common name (its node id). The founder makes the cluster's CA
+before its member starts; a newcomer sends a certificate request with the join token's proof
+(SYNCMESH_JOIN_TOKEN) along with its join, the node asked has it signed (by the signer, through etcd),
+adds the newcomer's etcd user, and answers with the certificate and the cluster's trust bundle, which the
+newcomer checks against its token before its member starts. With security.tls_enabled false everything
+above runs over plain HTTP with etcd authentication off, as the rest of the cluster does.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ from typing import Any
 
 import aiohttp
 
+from .auth import ETCD_JOIN_PATH
 from .etcd_embedded import EmbeddedEtcd, is_loopback
 from .meta import EtcdStore, EtcdUnavailable
 
 log = logging.getLogger(__name__)
 
-JOIN_PATH = "/api/v1/cluster/etcd/members"
+JOIN_PATH = ETCD_JOIN_PATH
 
 
 class JoinRefused(RuntimeError):
@@ -78,13 +84,22 @@ def save_role(data_root: str, role: str, endpoints: list[str]) -> None:
     os.replace(tmp, path)
 
 
-async def ask_to_join(session: aiohttp.ClientSession, join: str, node: str, peer_url: str,
-                      client_url: str, timeout: float = 30.0) -> JoinPlan:
-    """Ask the node at `join` for a place in its embedded etcd cluster (the joining side)."""
+@dataclass(frozen=True)
+class JoinAnswer:
+    """The plan and the answer's other fields (a certificate and the trust bundle under TLS)."""
+
+    plan: JoinPlan
+    body: dict[str, Any]
+
+
+async def ask_to_join(session: aiohttp.ClientSession, join: str, request: dict[str, Any], timeout: float = 60.0,
+                      ssl: Any = True) -> JoinAnswer:
+    """Ask the node at `join` for a place in its embedded etcd cluster (the joining side): `request` holds
+    node, peer_urls, client_urls and, under TLS without a certificate yet, csr and hmac (`ssl` then pins
+    the certificate the node serves)."""
     url = join.rstrip("/") + JOIN_PATH
     try:
-        async with session.post(url, json={"node": node, "peer_urls": [peer_url], "client_urls": [client_url]},
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.post(url, json=request, ssl=ssl, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             body = await resp.json(content_type=None)
             if resp.status != 200:
                 err = body.get("error") if isinstance(body, dict) else body
@@ -93,8 +108,9 @@ async def ask_to_join(session: aiohttp.ClientSession, join: str, node: str, peer
         raise JoinRefused(f"cannot ask {join} to join its etcd cluster: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict) or not isinstance(body.get("endpoints"), list):
         raise JoinRefused(f"{join} answered the join with {str(body)[:200]!r}")
-    return JoinPlan(bool(body.get("member")), str(body.get("initial_cluster", "")),
+    plan = JoinPlan(bool(body.get("member")), str(body.get("initial_cluster", "")),
                     [str(e) for e in body["endpoints"]])
+    return JoinAnswer(plan, body)
 
 
 def _client_urls(members: list[dict[str, Any]], but: str = "") -> list[str]:
@@ -109,8 +125,9 @@ class EmbeddedCluster:
     """This node's side of the embedded cluster: admit newcomers, forget members, be promoted."""
 
     def __init__(self, node: str, *, store: Callable[[], EtcdStore | None], embedded: Callable[[], EmbeddedEtcd | None],
-                 max_members: int, host: str) -> None:
+                 max_members: int, host: str, auth: bool = False) -> None:
         self.node = node
+        self.auth = auth  # etcd authentication by certificate: every node is an etcd user
         self._store = store
         self._embedded = embedded
         self.max_members = max_members
@@ -131,6 +148,8 @@ class EmbeddedCluster:
             raise ValueError("expected {node, peer_urls: [http://host:port], client_urls: [...]}")
         async with self._lock:
             store = self.store()
+            if self.auth:
+                await store.add_cert_user(node)
             members = await store.member_list()
             mine = [m for m in members if m["name"] == node or set(m["peer_urls"]) & set(peer_urls)]
             endpoints = _client_urls(members, but=node)
@@ -176,6 +195,8 @@ class EmbeddedCluster:
         store = self.store()
         members = await store.member_list()
         gone = [m for m in members if m["name"] == node]
+        if self.auth and node != self.node:
+            await store.delete_cert_user(node)  # member or client: its certificate no longer opens etcd
         if not gone:
             return {"removed": False}
         if len(members) <= 1:

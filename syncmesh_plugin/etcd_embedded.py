@@ -6,6 +6,13 @@ cluster it was given (`--initial-cluster-state existing`), and a member that oth
 listens on the node's own address as well (`host`, remembered in ports.json with the ports, since a
 member's peer URL is stored in its data directory and the cluster's). It is the same etcd binary a
 cluster would use, so nothing behaves differently; only its lifetime is tied to the daemon's.
+
+With the cluster's own PKI (`tls`: security.tls_enabled, the default) every URL of the member is https:
+clients and peers alike present a certificate of the cluster's CA (--client-cert-auth,
+--peer-client-cert-auth) and etcd names the client by its certificate's common name (the node id) when
+authentication is on. The member reads the node's key and certificate from one file, replaced whole at a
+renewal (etcd loads it again for every new connection); it reads the trusted CAs when it starts, so the
+daemon restarts it when the cluster's trust bundle changes.
 """
 
 from __future__ import annotations
@@ -19,11 +26,32 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class MemberTls:
+    """The node's identity (key and certificate in one PEM file) and the cluster's trusted CAs (PEM)."""
+
+    identity: str
+    trust: str
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.trust)
+        ctx.check_hostname = False  # the member's certificate names its node; its CA is all that counts here
+        ctx.load_cert_chain(self.identity, self.identity)
+        return ctx
+
+    def flags(self) -> list[str]:
+        return ["--cert-file", self.identity, "--key-file", self.identity, "--trusted-ca-file", self.trust,
+                "--client-cert-auth", "--peer-cert-file", self.identity, "--peer-key-file", self.identity,
+                "--peer-trusted-ca-file", self.trust, "--peer-client-cert-auth"]
 
 
 class MemberRemoved(RuntimeError):
@@ -65,7 +93,8 @@ class EmbeddedEtcd:
     """Starts `etcd` with its data under <data_root>/etcd and stops it with the daemon."""
 
     def __init__(self, data_root: str, name: str, client_port: int = 0, peer_port: int = 0,
-                 host: str = LOOPBACK) -> None:
+                 host: str = LOOPBACK, tls: MemberTls | None = None) -> None:
+        self.tls = tls
         self.data_dir = os.path.join(data_root, "etcd")
         self.name = name
         saved = self._saved()
@@ -87,27 +116,35 @@ class EmbeddedEtcd:
         except (OSError, ValueError, AttributeError):
             return {}
 
-    def _save(self) -> None:
+    def remember_ports(self) -> None:
+        """Keep the ports (and address) for the next start: a join retried, a restart, use the same peer URL."""
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         with open(os.path.join(self.data_dir, "ports.json"), "w") as fh:
             json.dump({"client": self.client_port, "peer": self.peer_port, "host": self.host}, fh)
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
     def endpoint(self) -> str:
         """Where this node's own daemon reaches it (loopback)."""
-        return f"http://{LOOPBACK}:{self.client_port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
         """Where the cluster's other hosts reach it."""
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
+
+    def client_url_on(self, host: str) -> str:
+        return f"{self.scheme}://{host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
 
     def peer_url_on(self, host: str) -> str:
-        return f"http://{host}:{self.peer_port}"
+        return f"{self.scheme}://{host}:{self.peer_port}"
 
     def has_data(self) -> bool:
         """It was started before: it is a member already (alone, or of the cluster it joined)."""
@@ -130,9 +167,9 @@ class EmbeddedEtcd:
                                " or set etcd.endpoints / SYNCMESH_ETCD_ENDPOINTS to an existing cluster")
         if host is not None:
             self.host = host
-        self._save()
+        self.remember_ports()
         if not is_loopback(self.host):
-            listen_client = f"http://{LOOPBACK}:{self.client_port},http://{self.host}:{self.client_port}"
+            listen_client = f"{self.endpoint},{self.client_url}"
         else:
             listen_client = self.endpoint
         advertise_client = self.client_url
@@ -152,6 +189,7 @@ class EmbeddedEtcd:
             "--pre-vote",
             "--auto-compaction-mode", "revision",
             "--auto-compaction-retention", "100000", "--quota-backend-bytes", str(4 * 1024**3),
+            *(self.tls.flags() if self.tls is not None else []),
             stdout=logf, stderr=logf, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         logf.close()
         loop = asyncio.get_running_loop()
@@ -189,7 +227,8 @@ class EmbeddedEtcd:
     async def _healthy(self) -> bool:
         """etcd's own /health: listening is not enough, it must have elected itself and serve."""
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, self.client_port), 1)
+            ctx = self.tls.client_context() if self.tls is not None else None
+            r, w = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, self.client_port, ssl=ctx), 1)
         except (OSError, TimeoutError):
             return False
         try:

@@ -170,8 +170,11 @@ def _wrap(exc: BaseException, what: str) -> EtcdUnavailable:
 class EtcdStore:
     """Typed access to the syncmesh keyspace; all etcd errors surface as EtcdUnavailable."""
 
-    def __init__(self, cfg: EtcdConfig, endpoints: Sequence[str]) -> None:
+    def __init__(self, cfg: EtcdConfig, endpoints: Sequence[str],
+                 tls_files: tuple[str, str, str] | None = None) -> None:
         self.cfg = cfg
+        # (trusted CAs, certificate, key) instead of etcd.tls_*: an embedded cluster under the cluster's own PKI
+        self.tls_files = tls_files
         self.endpoints = list(endpoints)
         self.keys = Keyspace(cfg.prefix)
         self.timeout = float(cfg.timeout)
@@ -223,28 +226,35 @@ class EtcdStore:
     def _tls_material(self) -> _TLS:
         """TLS when a CA is given, an https:// endpoint is used or a client certificate is configured
         (without a CA file the system's trust store checks etcd's certificate)."""
-        wants_tls = (bool(self.cfg.tls_ca_file or self.cfg.tls_cert_file)
-                     or any(ep.startswith("https://") for ep in self.endpoints))
+        ca_file, cert_file, key_file = self.tls_files or (self.cfg.tls_ca_file, self.cfg.tls_cert_file,
+                                                          self.cfg.tls_key_file)
+        wants_tls = bool(ca_file or cert_file) or any(ep.startswith("https://") for ep in self.endpoints)
         if not wants_tls:
             return {}
         tls: _TLS = {}
         try:
-            if self.cfg.tls_ca_file:
-                with open(self.cfg.tls_ca_file, "rb") as fh:
+            if ca_file:
+                with open(ca_file, "rb") as fh:
                     tls["ca_cert"] = fh.read()
             else:
                 paths = ssl.get_default_verify_paths()
                 cafile = paths.cafile or paths.openssl_cafile
                 with open(cafile, "rb") as fh:
                     tls["ca_cert"] = fh.read()
-            if self.cfg.tls_cert_file and self.cfg.tls_key_file:
-                with open(self.cfg.tls_cert_file, "rb") as fh:
+            if cert_file and key_file:
+                with open(cert_file, "rb") as fh:
                     tls["cert_chain"] = fh.read()
-                with open(self.cfg.tls_key_file, "rb") as fh:
+                with open(key_file, "rb") as fh:
                     tls["cert_key"] = fh.read()
         except OSError as exc:
             raise EtcdUnavailable(f"cannot read etcd TLS file {exc.filename}: {exc.strerror}") from None
         return tls
+
+    def reload_tls(self) -> None:
+        """The certificate or the trusted CAs changed (a renewal, a CA rotation): new channels use them; calls
+        and watches under way are moved to the new channels (watches resume from their revision)."""
+        if self._conn is not None:
+            self._conn.set_tls(self._tls_material())
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -525,6 +535,38 @@ class EtcdStore:
                     return int(m["id"], 16), await self.member_list()
             raise EtcdUnavailable("etcd member_add failed: its answer was lost and the member is not there") from None
         return int(resp.member.ID), [_member(m) for m in resp.members]
+
+    # ---- etcd authentication by certificate (an embedded cluster under the cluster's own PKI)
+    @property
+    def _auth(self) -> Any:
+        return _connected(self.client.auth)
+
+    async def add_cert_user(self, name: str) -> None:
+        """An etcd user for the node `name` (no password: etcd takes the name from the client certificate's
+        common name) with the root role (nodes run the member API and maintenance). Already there: kept."""
+        try:
+            await self._call("user_add", lambda: self._auth.user_add(name, no_password=True, timeout=self.timeout))
+        except EtcdUnavailable as exc:
+            if "already exists" not in str(exc):
+                raise
+        await self._call("user_grant_role", lambda: self._auth.user_grant_role(name, "root", timeout=self.timeout))
+
+    async def delete_cert_user(self, name: str) -> bool:
+        """A forgotten node's etcd user goes: its certificate no longer opens etcd. False if there was none."""
+        try:
+            await self._call("user_delete", lambda: self._auth.user_delete(name, timeout=self.timeout))
+        except EtcdUnavailable as exc:
+            if "not found" in str(exc):
+                return False
+            raise
+        return True
+
+    async def enable_cert_auth(self, node: str) -> None:
+        """Turn etcd authentication on with the users it needs first: root (etcd requires it) and this node.
+        Every step is harmless when done already (etcd ignores an enable when authentication is on)."""
+        for name in ("root", node):
+            await self.add_cert_user(name)
+        await self._call("auth_enable", lambda: self._auth.auth_enable(timeout=self.timeout))
 
     async def member_list(self) -> list[dict[str, Any]]:
         resp = await self._call("member_list", lambda: self._cluster.member_list(timeout=self.timeout))

@@ -397,6 +397,7 @@ class PkiDir:
                              certificate with the old key
     trust.json               the trust bundle and the CRLs this node accepted
     trust.pem                the same CAs and CRLs as PEM, for ssl (load_verify_locations)
+    trust-cas.pem            the CAs alone, for the embedded etcd (it parses every block as a certificate)
     admin-token, readonly-token   this node's API tokens (0600)
     ca/<fp>.pem, ca/<fp>-key.pem  the signer only: the CA certificates and keys
     join-secret, join-token   the signer only: the join secret and the token that prints
@@ -411,6 +412,7 @@ class PkiDir:
         self.identity = os.path.join(self.dir, "node-identity.pem")
         self.trust_json = os.path.join(self.dir, "trust.json")
         self.trust_pem = os.path.join(self.dir, "trust.pem")
+        self.trust_cas = os.path.join(self.dir, "trust-cas.pem")
         self.admin_token = os.path.join(self.dir, "admin-token")
         self.readonly_token = os.path.join(self.dir, "readonly-token")
         self.join_secret = os.path.join(self.dir, "join-secret")
@@ -478,6 +480,11 @@ class PkiDir:
                 self.write(path, tok.encode() + b"\n")
             out.append(tok)
         return out[0], out[1]
+
+
+def ca_material(bundle: Bundle) -> bytes:
+    """The trusted CAs alone as PEM (etcd's --trusted-ca-file reads every block as a certificate)."""
+    return "".join(cert_pem(c) for c in bundle.cas).encode()
 
 
 def ssl_verify_material(bundle: Bundle, crls: Sequence[x509.CertificateRevocationList]) -> bytes:

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..auth import peer_certificate
 from ..meta import EtcdUnavailable
 from ..pki import PkiError
 from ..volopts import VolumeError
@@ -82,10 +83,22 @@ async def etcd_join(request: web.Request) -> web.Response:
         raise ApiError(400, "expected a JSON body {node, peer_urls, client_urls}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON body {node, peer_urls, client_urls}")
+    issued: dict[str, Any] = {}
+    pki = request.app.get(PKI)
+    if pki is not None and peer_certificate(request) is None:
+        # a host without a certificate yet: the signer checks its join token's proof before anything is granted
+        node = body.get("node")
+        if not isinstance(node, str):
+            raise ApiError(400, "expected a JSON body {node, peer_urls, client_urls, csr, hmac}")
+        try:
+            issued = await pki.sign_joiner(node, body.get("csr"), body.get("hmac"))
+        except PkiError as exc:
+            raise ApiError(403, str(exc)) from None
     try:
-        return web.json_response(await etcd.admit(body.get("node"), body.get("peer_urls"), body.get("client_urls")))
+        plan = await etcd.admit(body.get("node"), body.get("peer_urls"), body.get("client_urls"))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+    return web.json_response({**plan, **issued})
 
 
 @routes.post("/api/v1/cluster/nodes/{node}/forget")

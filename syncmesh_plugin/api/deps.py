@@ -111,6 +111,8 @@ class PkiControl(Protocol):
 
     async def rotate_token(self) -> dict[str, Any]: ...
 
+    async def sign_joiner(self, node: str, csr_pem: Any, hmac: Any) -> dict[str, Any]: ...
+
 
 class EtcdMembership(Protocol):
     """The embedded etcd cluster (etcd_cluster.EmbeddedCluster): newcomers admitted, members forgotten."""

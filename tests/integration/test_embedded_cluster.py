@@ -8,6 +8,9 @@ member, and a new host then takes the free place. Real daemons, real embedded et
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import http.client
 import json
 import os
 import signal
@@ -21,7 +24,9 @@ from typing import Any
 
 import pytest
 from conftest import check_daemon_logs
+from etcd3aio import Etcd3Client
 
+from syncmesh_plugin import pki
 from syncmesh_plugin.devcluster import Node, converged, wait_for, write
 
 
@@ -64,9 +69,11 @@ def hosts(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
     prefix = f"/t{uuid.uuid4().hex[:10]}"
     made: list[Node] = []
 
-    def make(name: str, join: Node | None = None, start: bool = True, **env: str) -> Node:
-        extra = {"SYNCMESH_JOIN": f"http://127.0.0.1:{join.port}"} if join is not None else {}
-        n = Node(tmp_path, name, None, prefix, SYNCMESH_ETCD_TIMEOUT="5s", **extra, **env)
+    def make(name: str, join: Node | None = None, start: bool = True, tls: bool = False, token: str = "",
+             **env: str) -> Node:
+        scheme = "https" if tls else "http"
+        extra = {"SYNCMESH_JOIN": f"{scheme}://127.0.0.1:{join.port}"} if join is not None else {}
+        n = Node(tmp_path, name, None, prefix, SYNCMESH_ETCD_TIMEOUT="5s", tls=tls, join_token=token, **extra, **env)
         made.append(n)
         if start:
             n.start(wait=False)
@@ -152,3 +159,120 @@ def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volum
     n2.wait_healthy(60)
     assert voting(n2) == ["n2", "n3", "n5"]
     _create_all([n2, n3, n4, n5], f"{volume}back")
+
+
+def etcd_args(n: Node) -> list[str]:
+    pid = etcd_pid(n)
+    assert pid is not None, f"{n.name} runs no etcd member"
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return [a.decode() for a in fh.read().split(b"\0") if a]
+
+
+def etcd_read(port: int, trust: Path, identity: Path | None) -> str:
+    """A read over gRPC from the member's client port with this certificate: "" when it answered, else the
+    error etcd gave."""
+    async def read() -> str:
+        tls: dict[str, bytes] = {"ca_cert": trust.read_bytes()}
+        if identity is not None:
+            tls |= {"cert_chain": identity.read_bytes(), "cert_key": identity.read_bytes()}
+        client = Etcd3Client([f"127.0.0.1:{port}"], tls_server_name="127.0.0.1", rpc_max_attempts=1, **tls)
+        try:
+            await client.connect()
+            assert client.kv is not None
+            await client.kv.get(b"/", timeout=5)
+            return ""
+        except Exception as exc:  # the test asserts which error
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def plain_http(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth(hosts, volume, tmp_path):
+    """The defaults (security.tls_enabled): members talk mutual TLS with the cluster's certificates, etcd
+    authentication is on (a node is the etcd user its certificate names), a host joins with the join
+    token only, and a wrong token gets nothing."""
+    n1 = hosts("n1", tls=True)
+    token = n1.join_token()
+    assert token, "the founder printed no join token"
+    n2 = hosts("n2", join=n1, tls=True, token=token)
+    wait_for(lambda: voting(n1) == ["n1", "n2"], 30, what="n2 to be promoted to a voting member")
+    n3 = hosts("n3", join=n2, tls=True, token=token)
+    wait_for(lambda: voting(n1) == ["n1", "n2", "n3"], 30, what="n3 to be promoted to a voting member")
+    n4 = hosts("n4", join=n3, tls=True, token=token)  # the cluster has its three members: a client only
+    assert etcd_pid(n4) is None and voting(n4) == ["n1", "n2", "n3"]
+    for m in members(n1):
+        assert all(u.startswith("https://") for u in m["peer_urls"] + m["client_urls"]), m
+    for n in (n1, n2, n3):
+        args = etcd_args(n)
+        for flag in ("--client-cert-auth", "--peer-client-cert-auth"):
+            assert flag in args, (n.name, args)
+        _, h = n.http("GET", "/api/v1/health")
+        assert h["components"]["etcd"]["endpoint"].startswith("https://127.0.0.1:"), h["components"]["etcd"]
+    assert all(e.startswith("https://") for e in json.loads((n4.data_root / "etcd" / "cluster.json").read_text())[
+        "endpoints"])
+    for n in (n2, n3, n4):  # the joiners took the cluster's CA from the answer, checked against the token
+        assert n.http("GET", "/api/v1/pki")[1]["cas"][0]["fingerprint"] == n1.http("GET", "/api/v1/pki")[1]["cas"][0][
+            "fingerprint"]
+
+    port = int(h["components"]["etcd"]["endpoint"].rsplit(":", 1)[1])  # n3's member
+    trust = n3.pki_dir / "trust-cas.pem"
+    # plain HTTP, TLS without a client certificate: refused before etcd reads a key
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        plain_http(port)  # etcd closes a connection that does not start a TLS handshake
+    assert etcd_read(port, trust, None) != ""  # TLS without a client certificate: refused in the handshake
+    # a node's certificate: etcd knows the node as its user
+    assert etcd_read(port, trust, n3.pki_dir / "node-identity.pem") == ""
+    # a certificate of the cluster's own CA for a name etcd has no user for: authentication is on, refused
+    ca_dir = n1.pki_dir / "ca"
+    ca_key_file = next(ca_dir.glob("*-key.pem"))
+    ca_cert = pki.load_cert((ca_dir / ca_key_file.name.replace("-key.pem", ".pem")).read_bytes())
+    ca_key = pki.load_key(ca_key_file.read_bytes())
+    key = pki.new_key()
+    stranger = pki.sign_request(ca_cert, ca_key, pki.make_csr(key, "stranger"), "stranger", [],
+                                datetime.timedelta(days=1))
+    (tmp_path / "stranger.pem").write_bytes(pki.key_pem(key) + pki.cert_pem(stranger).encode())
+    err = etcd_read(port, trust, tmp_path / "stranger.pem")
+    assert "user name not found" in err or "permission denied" in err, err
+
+    # a host with a wrong token: refused by the signer, no member added, no certificate
+    wrong = token[:-6] + ("aaaaaa" if not token.endswith("aaaaaa") else "bbbbbb")
+    bad = hosts("bad", join=n1, tls=True, token=wrong, start=False)
+    bad.start(wait=False)
+    wait_for(lambda: "the join token's secret is wrong" in bad.log(), 30, what="the wrong token to be refused")
+    assert not (bad.pki_dir / "node-identity.pem").exists() and etcd_pid(bad) is None
+    assert sorted(m["name"] for m in members(n1)) == ["n1", "n2", "n3"]
+    bad.stop()
+
+    nodes = [n1, n2, n3, n4]
+    _create_all(nodes, volume)
+    for n in nodes:
+        n.mount(volume)
+    for n in nodes:
+        write(n.vol(volume) / f"from-{n.name}.txt", f"written on {n.name}")
+    converged(nodes, volume, timeout=30, expect=lambda t: len([p for p in t if p.startswith("from-")]) == 4)
+
+    # a member restarts from its data (with its certificate, TLS from the start), then the founder's host is
+    # lost: the two other members keep a quorum over TLS
+    n2.stop()
+    _create_all([n1, n3, n4], f"{volume}restart")
+    n2.start(wait=False)
+    n2.wait_healthy(60)
+    write(n2.vol(volume) / "after-restart.txt", "n2 is back")
+    converged(nodes, volume, timeout=30, expect=lambda t: "after-restart.txt" in t)
+    lose_host(n1)
+    worst = _create_all([n2, n3, n4], f"{volume}after")
+    print(f"\nfirst Create after the loss of n1 (TLS): at most {worst:.2f}s")
+    assert worst < 5.0
+    write(n3.vol(volume) / "after-loss.txt", "n1 is gone")
+    converged([n2, n3, n4], volume, timeout=30, expect=lambda t: "after-loss.txt" in t)

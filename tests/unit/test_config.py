@@ -598,13 +598,19 @@ def test_cli_missing_config_file_exits_2(clean_env: None, tmp_path: Path) -> Non
     assert result.stderr.strip() == f"syncmesh-plugin: configuration error: config file not found: {missing}"
 
 
-def test_join_grows_an_embedded_cluster_over_plain_http_only(hostname: None) -> None:
+def test_join_grows_an_embedded_cluster_with_the_join_token_under_tls(hostname: None) -> None:
     plain = {"SYNCMESH_SECURITY_TLS_ENABLED": "false"}
     cfg = load_config(None, {**plain, "SYNCMESH_JOIN": "http://10.0.0.5:7734"})
     assert cfg.join == "http://10.0.0.5:7734" and cfg.embedded_etcd and cfg.etcd.embedded_members == 3
     assert load_config(None, {**plain, "SYNCMESH_ETCD_EMBEDDED_MEMBERS": "5"}).etcd.embedded_members == 5
-    with pytest.raises(ConfigError, match="plain HTTP"):  # the members' TLS is not built: never silently in clear
-        load_config(None, {"SYNCMESH_JOIN": "http://10.0.0.5:7734"})
+    token = "SM1" + "ab" * 32 + "::" + "s" * 43
+    cfg = load_config(None, {"SYNCMESH_JOIN": "https://10.0.0.5:7734", "SYNCMESH_JOIN_TOKEN": token})
+    assert cfg.join == "https://10.0.0.5:7734" and cfg.tls_mode == "auto"
+    # under TLS: the API's https URL, and the token that proves the joining host
+    with pytest.raises(ConfigError, match=r"^join: expected the https:// URL"):
+        load_config(None, {"SYNCMESH_JOIN": "http://10.0.0.5:7734", "SYNCMESH_JOIN_TOKEN": token})
+    with pytest.raises(ConfigError, match=r"^join: under TLS a joining host proves itself with the cluster's join"):
+        load_config(None, {"SYNCMESH_JOIN": "https://10.0.0.5:7734"})
     with pytest.raises(ConfigError, match="one or the other"):
         load_config(None, {**plain, "SYNCMESH_JOIN": "http://h:7734", "SYNCMESH_ETCD_ENDPOINTS": "http://e:2379"})
     with pytest.raises(ConfigError, match=r"^join: expected"):
