@@ -544,11 +544,13 @@ class Scenario:
                 return {**env, "SYNCMESH_ETCD_ENDPOINTS": self.etcd.endpoints_from(i - 1)}
             return env
 
+        # the embedded cluster runs as users get it: the cluster's own CA, members and daemons on mutual TLS
+        tls = embedded
         if net:
             self.nodes: list[Node] = [NsNode(tmp, f"n{i}", self.etcd, prefix, netns=net.ns[i - 1], ip=net.addr(i),
-                                             **env_of(i)) for i in range(1, n + 1)]
+                                             tls=tls, **env_of(i)) for i in range(1, n + 1)]
         else:
-            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, **env_of(i)) for i in range(1, n + 1)]
+            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, tls=tls, **env_of(i)) for i in range(1, n + 1)]
         self.pre_start = pre_start
 
     def start(self) -> Scenario:
@@ -575,9 +577,11 @@ class Scenario:
         """n1 starts its member alone, the others join it (SYNCMESH_JOIN) one by one and are promoted."""
         first, rest = self.nodes[0], self.nodes[1:]
         first.start(wait=True)
-        join = f"http://{first.api_host}:{first.port}"
+        join = f"{'https' if first.auto_tls else 'http'}://{first.api_host}:{first.port}"
         for i, nd in enumerate(rest, start=2):
             nd.env["SYNCMESH_JOIN"] = join
+            if first.auto_tls:
+                nd.env["SYNCMESH_JOIN_TOKEN"] = first.join_token()
             nd.start(wait=False)
             nd.wait_healthy(60)
 
