@@ -1,4 +1,5 @@
-"""Recursive inotify watcher for one volume directory, driven by the asyncio loop (no thread).
+"""Recursive inotify watcher for one volume directory, driven by the asyncio loop (no thread); the
+volumes of a daemon share one inotify instance (InotifyHub).
 
 inotify watches are per directory, so every subdirectory gets its own watch; directories created or
 moved in later are walked and watched on arrival, and every entry found inside them is reported
@@ -21,7 +22,7 @@ from inotify_simple import Event, INotify, flags
 
 from .pathsafe import TMP_PREFIX  # the plugin's own in-flight files: never reported, never watched
 
-__all__ = ["Changes", "VolumeWatcher", "WatchLimitError"]
+__all__ = ["Changes", "InotifyHub", "VolumeWatcher", "WatchLimitError"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,86 @@ def _join(parent: str, name: str) -> str:
     return name if not parent else f"{parent}/{name}"
 
 
+class InotifyHub:
+    """One inotify instance for every volume of a daemon. The kernel allows 128 instances per user by
+    default (fs.inotify.max_user_instances), shared with every other program of that user; one per
+    volume ran out at about a hundred volumes. Watches are per directory anyway, so one instance reads
+    the events of all volumes and hands each batch to the watcher that owns the watch descriptor; a
+    queue overflow concerns every watcher. The fd is opened with the first watcher and closed with the
+    last."""
+
+    def __init__(self) -> None:
+        self._ino: INotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._owners: dict[int, VolumeWatcher] = {}  # wd -> the watcher that added it
+        self._watchers: set[VolumeWatcher] = set()
+
+    @property
+    def instances(self) -> int:
+        """inotify instances open (0 or 1)."""
+        return 0 if self._ino is None else 1
+
+    def attach(self, watcher: VolumeWatcher, loop: asyncio.AbstractEventLoop) -> None:
+        if self._ino is None:
+            self._ino = INotify(nonblocking=True)
+            self._loop = loop
+            loop.add_reader(self._ino.fileno(), self._on_readable)
+        self._watchers.add(watcher)
+
+    def detach(self, watcher: VolumeWatcher) -> None:
+        self._watchers.discard(watcher)
+        for wd in [wd for wd, w in self._owners.items() if w is watcher]:
+            self.rm_watch(wd)
+        if not self._watchers and self._ino is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._ino.fileno())
+            self._ino.close()
+            self._ino = None
+            self._owners.clear()
+
+    def add_watch(self, watcher: VolumeWatcher, path: str, mask: int) -> int:
+        assert self._ino is not None
+        wd = int(self._ino.add_watch(path, mask))
+        self._owners[wd] = watcher
+        return wd
+
+    def rm_watch(self, wd: int) -> None:
+        self._owners.pop(wd, None)
+        if self._ino is None:
+            return
+        try:
+            self._ino.rm_watch(wd)
+        except OSError:
+            pass  # already gone (dir deleted, IN_IGNORED pending)
+
+    def _on_readable(self) -> None:
+        if self._ino is None:
+            return
+        try:
+            events = self._ino.read(timeout=0)
+        except OSError:
+            log.exception("reading the inotify fd failed")
+            return
+        for w, batch in self.route(events).items():
+            w.deliver(batch)
+
+    def route(self, events: Sequence[Event]) -> dict[VolumeWatcher, list[Event]]:
+        """Each volume's events, in the kernel's order; an overflow to every volume."""
+        batches: dict[VolumeWatcher, list[Event]] = {}
+        for ev in events:
+            if ev.mask & flags.Q_OVERFLOW:
+                for w in self._watchers:
+                    batches.setdefault(w, []).append(ev)
+                continue
+            owner = self._owners.get(ev.wd)
+            if owner is None:
+                continue  # a watch removed since the kernel queued the event
+            batches.setdefault(owner, []).append(ev)
+            if ev.mask & flags.IGNORED:
+                self._owners.pop(ev.wd, None)
+        return batches
+
+
 class VolumeWatcher:
     """Watches ``root`` recursively and calls ``on_changes`` on the event loop with debounced batches.
 
@@ -128,6 +209,7 @@ class VolumeWatcher:
         ignore: Callable[[str], bool] = lambda rel: False,
         debounce: float = 0.005,
         loop: asyncio.AbstractEventLoop | None = None,
+        hub: InotifyHub | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.degraded = False
@@ -140,7 +222,8 @@ class VolumeWatcher:
         self._ignore = ignore
         self._debounce = max(0.0, debounce)
         self._loop = loop
-        self._ino: INotify | None = None
+        self._hub = hub if hub is not None else InotifyHub()  # a watcher alone (tests, tools) has its own
+        self._started = False
         self._root_wd: int | None = None
         self._root_lost = False
         self._limited = False  # hit ENOSPC: stop adding watches
@@ -165,32 +248,30 @@ class VolumeWatcher:
 
     def start(self) -> None:
         """Watch the whole tree and start reading; watch-limit exhaustion degrades instead of raising."""
-        if self._ino is not None:
+        if self._started:
             raise RuntimeError("watcher already started")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self._ino = INotify(nonblocking=True)
+        self._hub.attach(self, self._loop)
+        self._started = True
         try:
             self._walk("", None, report=False)
         except BaseException:
-            self._ino.close()
-            self._ino = None
+            self._started = False
+            self._hub.detach(self)
             self._clear_watches()
             raise
-        self._loop.add_reader(self._ino.fileno(), self._on_readable)
         self._schedule_flush()
 
     def stop(self) -> None:
-        """Stop reading and release the inotify fd (and all its watches); pending changes are dropped."""
+        """Stop reading and remove this volume's watches; pending changes are dropped."""
         for handle in (self._flush_handle, self._stale_handle):
             if handle is not None:
                 handle.cancel()
         self._flush_handle = self._stale_handle = None
-        if self._ino is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._ino.fileno())
-            self._ino.close()
-            self._ino = None
+        if self._started:
+            self._started = False
+            self._hub.detach(self)
         self._clear_watches()
 
     def flush(self) -> None:
@@ -202,15 +283,9 @@ class VolumeWatcher:
 
     # ------------------------------------------------------------------ event processing
 
-    def _on_readable(self) -> None:
-        if self._ino is None:
-            return
-        try:
-            events = self._ino.read(timeout=0)
-        except OSError:
-            log.exception("reading inotify fd for %s failed", self.root)
-            return
-        if not events:
+    def deliver(self, events: Sequence[Event]) -> None:
+        """A batch of this volume's events from the hub."""
+        if not self._started or not events:
             return
         try:
             self.handle_events(events)
@@ -371,7 +446,7 @@ class VolumeWatcher:
         self.overflows += 1
         self._rescan = True
         log.warning("inotify queue overflow on %s (#%d); requesting full rescan", self.root, self.overflows)
-        if not self.degraded and self._ino is not None:
+        if not self.degraded and self._started:
             self._resync()
 
     def _on_ignored(self, wd: int) -> None:
@@ -387,7 +462,7 @@ class VolumeWatcher:
         self.degraded_reason = f"volume root {self.root} {why}; inotify watching stopped"
         self._rescan = True
         log.warning("%s", self.degraded_reason)
-        if self._ino is not None:
+        if self._started:
             for wd in list(self._wd_rel):
                 self._rm_watch(wd)
         self._clear_watches()
@@ -398,16 +473,12 @@ class VolumeWatcher:
         return os.path.join(self.root, rel) if rel else self.root
 
     def _add_watch(self, path: str, mask: int) -> int:
-        assert self._ino is not None
-        return self._ino.add_watch(path, mask)
+        assert self._started
+        return self._hub.add_watch(self, path, mask)
 
     def _rm_watch(self, wd: int) -> None:
-        if self._ino is None:
-            return
-        try:
-            self._ino.rm_watch(wd)
-        except OSError:
-            pass  # already gone (dir deleted, IN_IGNORED pending)
+        if self._started:
+            self._hub.rm_watch(wd)
 
     def _clear_watches(self) -> None:
         self._wd_rel.clear()

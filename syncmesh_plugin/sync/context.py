@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..meta import EtcdStore
 from ..state import LocalState
+from ..watcher import InotifyHub
 
 
 @dataclass
@@ -31,3 +32,4 @@ class EngineContext:
     mass_delete_min_files: int = 20
     mass_delete_window: float = 10.0
     max_manifest_bytes: int = 512 * 1024
+    inotify: InotifyHub = field(default_factory=InotifyHub)  # one inotify instance for all the volumes

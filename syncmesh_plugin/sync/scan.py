@@ -39,12 +39,12 @@ class Scanner(Stage):
 
     def start_watcher(self) -> None:
         self.vol.watcher = VolumeWatcher(self.root, self.on_changes, ignore=self.vol.ignored,
-                                     debounce=self.ctx.debounce)
+                                         debounce=self.ctx.debounce, hub=self.ctx.inotify)
         try:
             self.vol.watcher.start()
         except OSError as exc:
-            # One inotify instance per volume: past fs.inotify.max_user_instances (128 by default)
-            # this volume is kept correct by rescans every 5 s instead.
+            # The daemon's one inotify instance could not be made (other programs of this user hold
+            # fs.inotify.max_user_instances, 128 by default): rescans every 5 s keep the volume correct.
             hint = (" (inotify instance limit reached: raise it with sysctl fs.inotify.max_user_instances="
                     f"{max_user_instances() * 4})" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
             self.vol.watcher.degraded = True

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import stat
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import Etcd, Node, free_port, wait_for
+
+from syncmesh_plugin.devcluster import write
 
 
 def test_dockerd_call_sequence(cluster, volume):
@@ -227,3 +231,30 @@ def _cmd(pid: str) -> str:
             return fh.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_one_inotify_instance_for_all_volumes(cluster):
+    """fs.inotify.max_user_instances (128 by default) is per user, not per volume: the daemon holds one."""
+    a = cluster("n1")
+    names = [f"ino{uuid.uuid4().hex[:6]}" for _ in range(4)]
+    for name in names:
+        a.ok("VolumeDriver.Create", {"Name": name})
+        a.mount(name, "m")
+        (a.vol(name) / "sub").mkdir()
+    assert a.proc is not None
+
+    def inotify_fds() -> int:
+        n = 0
+        for fd in os.listdir(f"/proc/{a.proc.pid}/fd"):
+            with contextlib.suppress(OSError):
+                n += os.readlink(f"/proc/{a.proc.pid}/fd/{fd}") == "anon_inode:inotify"
+        return n
+
+    assert inotify_fds() == 1
+    write(a.vol(names[-1]) / "sub" / "seen.txt", "watched through the shared instance")
+    wait_for(lambda: a.http("GET", f"/api/v1/volumes/{names[-1]}/files/sub/seen.txt")[0] == 200, 10,
+             what="the write to be published")
+    for name in names:
+        a.ok("VolumeDriver.Unmount", {"Name": name, "ID": "m"})
+        a.ok("VolumeDriver.Remove", {"Name": name})
+    wait_for(lambda: inotify_fds() == 0, 10, what="the instance to close with the last volume")

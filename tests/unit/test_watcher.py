@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from inotify_simple import Event, flags
 
-from syncmesh_plugin.watcher import Changes, VolumeWatcher, WatchLimitError
+from syncmesh_plugin.watcher import Changes, InotifyHub, VolumeWatcher, WatchLimitError
 
 
 class Collector:
@@ -332,3 +332,69 @@ async def test_a_huge_tree_moved_in_is_left_to_a_rescan(make: Callable[..., Made
     assert w.watch_count == 5  # every directory is still watched
     (vol / "big" / "sub" / "later").write_text("y")
     await col.wait(lambda: "big/sub/later" in col.paths)
+
+
+def _inotify_fds() -> int:
+    """inotify instances this process holds (its fds that are inotify instances)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass
+    return n
+
+
+async def test_volumes_share_one_inotify_instance_and_get_only_their_own_events(tmp_path: Path) -> None:
+    """The kernel allows 128 instances per user by default: a daemon uses one for all its volumes."""
+    hub = InotifyHub()
+    before = _inotify_fds()
+    roots = [tmp_path / f"v{i}" for i in range(3)]
+    cols = [Collector() for _ in roots]
+    watchers = []
+    for root, col in zip(roots, cols, strict=True):
+        (root / "sub").mkdir(parents=True)
+        w = VolumeWatcher(str(root), col, hub=hub)
+        w.start()
+        watchers.append(w)
+    assert hub.instances == 1 and _inotify_fds() == before + 1
+    for i, root in enumerate(roots):
+        (root / "sub" / f"only-{i}.txt").write_text(str(i))
+    for i, col in enumerate(cols):
+        await col.wait(lambda col=col, i=i: f"sub/only-{i}.txt" in col.paths)
+    for w in watchers:
+        w.flush()
+    for i, col in enumerate(cols):
+        assert {p for p in col.paths if p.startswith("sub/only-")} == {f"sub/only-{i}.txt"}
+    # a volume that stops takes its watches along; the others go on with the same instance
+    watchers[0].stop()
+    assert hub.instances == 1
+    (roots[0] / "sub" / "after.txt").write_text("unwatched")
+    (roots[1] / "sub" / "after.txt").write_text("watched")
+    await cols[1].wait(lambda: "sub/after.txt" in cols[1].paths)
+    assert "sub/after.txt" not in cols[0].paths
+    for w in watchers[1:]:
+        w.stop()
+    assert hub.instances == 0 and _inotify_fds() == before
+
+
+async def test_a_queue_overflow_reaches_every_volume_of_the_hub(tmp_path: Path) -> None:
+    hub = InotifyHub()
+    cols = [Collector(), Collector()]
+    watchers = []
+    for i, col in enumerate(cols):
+        (tmp_path / f"v{i}").mkdir()
+        w = VolumeWatcher(str(tmp_path / f"v{i}"), col, hub=hub)
+        w.start()
+        watchers.append(w)
+    try:
+        batches = hub.route([Event(-1, flags.Q_OVERFLOW, 0, "")])
+        assert set(batches) == set(watchers)
+        for w, batch in batches.items():
+            w.deliver(batch)
+        for col in cols:
+            await col.wait(lambda col=col: col.rescans > 0)
+        assert all(w.overflows == 1 for w in watchers)
+    finally:
+        for w in watchers:
+            w.stop()
