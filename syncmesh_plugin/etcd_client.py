@@ -233,6 +233,20 @@ class EtcdConnection:
         if getattr(self, "current", None) is not None and self.current not in fresh:
             self.current = fresh[0]
 
+    async def on_member(self, url: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """Run `fn` on this endpoint's member only (maintenance that concerns one member: its status, its
+        defragmentation); no failover, the member's own error is raised."""
+        ep = next((e for e in self.endpoints if e.url == url), None)
+        if ep is None:
+            raise ValueError(f"no etcd endpoint {url}")
+        async with asyncio.timeout(timeout):
+            client = await self.ready(ep)
+            token = ATTEMPT.set(client)
+            try:
+                return await fn()
+            finally:
+                ATTEMPT.reset(token)
+
     def set_tls(self, tls: TLS) -> None:
         """New TLS material (a renewed certificate, a rotated CA): every channel is made again with it on its
         next use; streams on the old ones are interrupted and resume (watches from their revision)."""

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 ELECTION = "housekeeper"
 
 
+def needs_defrag(size: int, in_use: int) -> bool:
+    """A member's file is worth defragmenting: over 64 MiB and more than half of it free."""
+    return size > 64 * 2**20 and in_use > 0 and size > 2 * in_use
+
+
 class Housekeeper:
     """Dependencies are getters: etcd and the index come up after the daemon is built."""
 
@@ -164,12 +169,21 @@ class Housekeeper:
         metrics.etcd_compactions.inc()
         log.info("housekeeping: etcd history compacted up to revision %d (current %d)", target, current)
         st = await store.status()
-        size, in_use = st.get("db_size", 0), st.get("db_size_in_use", 0)
-        metrics.etcd_db_bytes.set(size)
-        if size > 64 * 2**20 and in_use and size > 2 * in_use:
-            await store.defragment()
-            metrics.etcd_defrags.inc()
-            log.info("housekeeping: etcd defragmented (%d MiB in a %d MiB file)", in_use >> 20, size >> 20)
+        metrics.etcd_db_bytes.set(st.get("db_size", 0))
+        # Every member keeps its own file: each is defragmented on its own, one at a time (a member does not
+        # answer while it defragments; the others do, and requests fail over to them).
+        for url in store.endpoint_urls():
+            try:
+                st = await store.member_status(url)
+            except EtcdUnavailable as exc:
+                log.info("housekeeping: no status from etcd member %s (%s); not defragmented now", url, exc)
+                continue
+            size, in_use = st["db_size"], st["db_size_in_use"]
+            if needs_defrag(size, in_use):
+                await store.defragment_member(url)
+                metrics.etcd_defrags.inc()
+                log.info("housekeeping: etcd member %s defragmented (%d MiB in a %d MiB file)", url, in_use >> 20,
+                         size >> 20)
 
     async def _check_alarms(self) -> None:
         store = self._store()

@@ -599,6 +599,25 @@ class EtcdStore:
     async def defragment(self) -> None:
         await self._call("defragment", lambda: self._maintenance.defragment(timeout=120), timeout=120)
 
+    def endpoint_urls(self) -> list[str]:
+        return self.connection.urls
+
+    async def member_status(self, url: str) -> dict[str, int]:
+        """Database size of the member at this endpoint (each member keeps its own file)."""
+        try:
+            st = await self.connection.on_member(url, lambda: self._maintenance.status(timeout=self.timeout),
+                                                 self.timeout)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            raise _wrap(exc, f"status of {url}") from None
+        return {"db_size": int(st.dbSize), "db_size_in_use": int(getattr(st, "dbSizeInUse", 0) or 0)}
+
+    async def defragment_member(self, url: str) -> None:
+        """Defragment the member at this endpoint only (it stops answering meanwhile; the others do not)."""
+        try:
+            await self.connection.on_member(url, lambda: self._maintenance.defragment(timeout=120), 120)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            raise _wrap(exc, f"defragment of {url}") from None
+
     async def alarms(self) -> list[str]:
         """Active etcd alarms (NOSPACE: the database hit its quota and refuses writes)."""
         resp = await self._call("alarm", lambda: self._maintenance.alarms(timeout=self.timeout))

@@ -65,9 +65,13 @@ def test_managed_plugins_grow_an_embedded_etcd_over_tls(workdir: Path, image_tar
         TIMINGS["embedded cluster: host2 enable -> member of the cluster"] = time.monotonic() - t
         wait_for(lambda: etcd_ok(ip1, 2), 30, "host1 to follow the member list")
         # host1's member moved to its address for host2; every URL is https, both members healthy
-        for ip in (ip1, ip2):
+        def all_https_and_healthy(ip: str) -> bool:
             members = health(ip)["components"]["etcd"]["members"]
-            assert all(m["endpoint"].startswith("https://") and m["healthy"] for m in members), members
+            assert all(m["endpoint"].startswith("https://") for m in members), members
+            return all(m["healthy"] for m in members)
+
+        for ip in (ip1, ip2):  # probes run every few seconds; a learner answers once it has caught up
+            wait_for(lambda ip=ip: all_https_and_healthy(ip), 30, f"every member healthy as seen from {ip}")
         cluster = json.loads((mount1 / "etcd" / "ports.json").read_text())
         assert cluster["host"] == ip1, cluster
 

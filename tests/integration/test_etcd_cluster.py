@@ -414,3 +414,25 @@ def test_host_name_endpoint_is_resolved_again_on_reconnect(dns_host, tmp_path, r
         n.stop()
         c.stop()
         check_daemon_logs([n], request)
+
+
+async def test_every_member_is_defragmented_on_its_own(etcd3):
+    """Each member keeps its own database file: housekeeping asks each member for its size and defragments
+    the ones that need it one by one (the member in use is not the only one)."""
+    prefix = f"/t{uuid.uuid4().hex[:8]}"
+    eps = etcd3.endpoints
+    store = EtcdStore(EtcdConfig(endpoints=eps, prefix=prefix, timeout=Duration(TIMEOUT)), eps)
+    await store.connect()
+    try:
+        before = {m.endpoint: (m.dir / "etcd.log").read_text(errors="replace").count("defragment") for m in
+                  etcd3.members}
+        assert sorted(store.endpoint_urls()) == sorted(eps)
+        for url in store.endpoint_urls():
+            st = await store.member_status(url)
+            assert st["db_size"] > 0 and 0 < st["db_size_in_use"] <= st["db_size"], (url, st)
+            await store.defragment_member(url)
+        for m in etcd3.members:  # every member's own log says it defragmented its file
+            assert (m.dir / "etcd.log").read_text(errors="replace").count("defragment") > before[m.endpoint], m.endpoint
+    finally:
+        await store.close()
+
