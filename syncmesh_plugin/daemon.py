@@ -34,7 +34,7 @@ from .etcd_cluster import EmbeddedCluster
 from .etcd_embedded import EmbeddedEtcd, MemberRemoved, MemberTls
 from .housekeeping import Housekeeper
 from .membership import Membership, NodeIdConflict, load_identity
-from .meta import EtcdStore, EtcdUnavailable
+from .meta import EtcdStore, EtcdUnavailable, dumps
 from .ops import Ops
 from .pki import PkiError
 from .state import LocalState
@@ -99,6 +99,14 @@ class _HeldVolumes:
 
     async def resume(self, name: str, restore: bool) -> None:
         await self._volumes()[name].resume(restore=restore)
+
+
+MEMBER_RESTART = "etcd-member-restart"  # the queue of embedded members restarting to load a new trust
+
+
+def _pem_blocks(pem: bytes | None) -> set[bytes]:
+    """The PEM blocks of a file (the CAs of trust-cas.pem), to tell a CA added from one dropped."""
+    return {b"-----BEGIN" + part for part in (pem or b"").split(b"-----BEGIN")[1:]}
 
 
 class Daemon:
@@ -459,26 +467,53 @@ class Daemon:
 
     async def _follow_certificates(self) -> None:
         """A renewal or a CA rotation changed this node's certificate or trust: the etcd client dials with the
-        new ones, and the embedded member (which reads its trusted CAs when it starts) restarts on a change of
-        trust; the others answer meanwhile."""
+        new ones, and the embedded member, which reads its trusted CAs when it starts, restarts when a CA it
+        does not trust yet was added (a CA dropped is dropped at its next start)."""
         assert self.pki is not None
         files = self.pki.files
-
         seen = (files.read(files.identity), files.read(files.trust_cas))
+        member_cas = _pem_blocks(seen[1])
         while True:
             await asyncio.sleep(5.0)
             now = (files.read(files.identity), files.read(files.trust_cas))
             if now == seen:
                 continue
-            trust_changed = now[1] != seen[1]
             seen = now
             if self.store is not None and self.store.tls_files is not None:
                 self.store.reload_tls()
             emb = self.embedded
-            if trust_changed and emb is not None and emb.tls is not None and emb.proc is not None:
-                log.info("embedded etcd: the cluster's trust changed; restarting the member to load it")
-                await emb.stop()
-                await emb.start(existing=True)
+            if emb is not None and emb.tls is not None and emb.proc is not None and _pem_blocks(now[1]) - member_cas:
+                await self._restart_member_in_turn(emb)
+                member_cas = _pem_blocks(now[1])
+
+    async def _restart_member_in_turn(self, emb: EmbeddedEtcd) -> None:
+        """Restart our member once the members ahead of it have: members queue under their lease (the oldest
+        registration goes first, a dead node's leaves with its lease), so a cluster of three never loses its
+        quorum to a change of trust, and each restart waits until the member serves again."""
+        m, store, me = self.membership, self.store, self.cfg.node_id
+        key = store.keys.election_key(MEMBER_RESTART, me) if store is not None else None
+        loop = asyncio.get_running_loop()
+        if m is not None and store is not None and key is not None:
+            with contextlib.suppress(EtcdUnavailable):
+                await m.bind(key, dumps({"at": time.time()}))
+                deadline = loop.time() + 120
+                while loop.time() < deadline:
+                    queue = await store.election(MEMBER_RESTART)
+                    if not queue or queue[0].node == me:
+                        break
+                    await asyncio.sleep(0.5)
+        try:
+            log.info("embedded etcd: the cluster trusts a new CA; restarting the member to load it")
+            await emb.stop()
+            await emb.start(existing=True)
+            for _ in range(150):  # up to 30 s for the member to serve again (it catches up first)
+                if await emb.healthy():
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            if m is not None and key is not None:
+                with contextlib.suppress(EtcdUnavailable):
+                    await m.unbind(key)
 
     async def _monitor_etcd(self) -> None:
         while True:

@@ -200,7 +200,7 @@ class EmbeddedEtcd:
                 if "permanently removed from the cluster" in tail or "member has already been removed" in tail:
                     raise MemberRemoved(f"this node's etcd member was removed from the cluster; see {log_path}")
                 raise RuntimeError(f"embedded etcd exited with code {self.proc.returncode}; see {log_path}")
-            if await self._healthy() or (existing and await self._listening()):
+            if await self.healthy() or (existing and await self._listening()):
                 return self.endpoint
             await asyncio.sleep(0.05)
         await self.stop()
@@ -224,7 +224,7 @@ class EmbeddedEtcd:
         w.close()
         return True
 
-    async def _healthy(self) -> bool:
+    async def healthy(self) -> bool:
         """etcd's own /health: listening is not enough, it must have elected itself and serve."""
         try:
             ctx = self.tls.client_context() if self.tls is not None else None

@@ -276,3 +276,48 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     assert worst < 5.0
     write(n3.vol(volume) / "after-loss.txt", "n1 is gone")
     converged([n2, n3, n4], volume, timeout=30, expect=lambda t: "after-loss.txt" in t)
+
+
+def test_ca_rotation_in_an_embedded_cluster_under_tls(hosts, volume):
+    """A CA rotation changes what the members must trust: each member restarts with the new trust (it reads
+    its CAs when it starts), one at a time so that three members keep their quorum, daemons dial again with
+    their new certificates, and Docker calls and syncing go on throughout (no Create fails)."""
+    n1 = hosts("n1", tls=True)
+    n2 = hosts("n2", join=n1, tls=True, token=n1.join_token())
+    wait_for(lambda: voting(n1) == ["n1", "n2"], 30, what="n2 to be promoted to a voting member")
+    n3 = hosts("n3", join=n1, tls=True, token=n1.join_token())
+    wait_for(lambda: voting(n1) == ["n1", "n2", "n3"], 30, what="n3 to be promoted to a voting member")
+    nodes = [n1, n2, n3]
+    for n in nodes:
+        n.ok("VolumeDriver.Create", {"Name": volume})
+        n.mount(volume)
+    old_ca = n1.http("GET", "/api/v1/pki")[1]["cas"][0]["fingerprint"]
+    code, body = n2.http("POST", "/api/v1/pki/ca/rotate")
+    assert code == 200, body
+
+    def done() -> bool:
+        st = [n.http("GET", "/api/v1/pki")[1] for n in nodes]
+        return all(s["rotation"] == "none" and s["cas"][0]["fingerprint"] != old_ca and len(s["cas"]) == 1
+                   and s["certificate"]["ca"] == s["cas"][0]["fingerprint"] for s in st)
+
+    i = 0
+    deadline = time.monotonic() + 90
+    while not done():  # Docker calls and writes go on during the rotation
+        assert time.monotonic() < deadline, [n.http("GET", "/api/v1/pki")[1] for n in nodes]
+        _create_all(nodes, f"{volume}r{i}")
+        write(n1.vol(volume) / f"during-{i}.txt", f"write {i}")
+        i += 1
+        time.sleep(0.3)
+    new_ca = n1.http("GET", "/api/v1/pki")[1]["cas"][0]["fingerprint"]
+    for n in nodes:  # the member took the new trust; the file it reads holds the new CA alone by now
+        cas = (n.pki_dir / "trust-cas.pem").read_bytes()
+        assert cas.count(b"BEGIN CERTIFICATE") == 1 and pki.fingerprint(pki.load_cert(cas)) == new_ca
+        wait_for(lambda n=n: "restarting the member to load it" in n.log(), 20, what=f"{n.name}'s member restart")
+    wait_for(lambda: all(n.http("GET", "/api/v1/health")[1]["components"]["etcd"]["ok"] for n in nodes), 30,
+             what="etcd healthy on every node")
+    _create_all(nodes, f"{volume}after")
+    write(n2.vol(volume) / "after.txt", "after the rotation")
+    converged(nodes, volume, timeout=30,
+              expect=lambda t: {"after.txt", *(f"during-{j}.txt" for j in range(i))} <= set(t))
+    port = int(n1.http("GET", "/api/v1/health")[1]["components"]["etcd"]["endpoint"].rsplit(":", 1)[1])
+    assert etcd_read(port, n1.pki_dir / "trust-cas.pem", n1.pki_dir / "node-identity.pem") == ""
