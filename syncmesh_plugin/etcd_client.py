@@ -119,15 +119,21 @@ def failover_kind(exc: BaseException) -> str | None:
         return "unavailable"  # the channel was closed under the call (a re-resolved endpoint)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in detail:
         return "busy"
-    if code == grpc.StatusCode.FAILED_PRECONDITION and "learner" in detail:
-        return "learner"  # a member still catching up serves almost nothing
+    if "not supported for learner" in detail:
+        return "learner"  # a member still catching up serves almost nothing (UNAVAILABLE or FAILED_PRECONDITION)
+    # ("too many learner members in cluster" is the cluster's answer, the same on every member)
     return None
 
 
 def never_sent(exc: BaseException) -> bool:
-    """The request cannot have reached etcd (the connection was refused): safe to send again."""
+    """The request cannot have been applied (the connection was refused, a learner turned it away, or etcd
+    refused a member change while the cluster is unhealthy: all before proposing it): safe to send again."""
     rpc = _rpc_error(exc)
-    return rpc is not None and rpc.code() == grpc.StatusCode.UNAVAILABLE and "refused" in (rpc.details() or "").lower()
+    if rpc is None:
+        return False
+    detail = (rpc.details() or "").lower()
+    return ((rpc.code() == grpc.StatusCode.UNAVAILABLE and ("refused" in detail or "unhealthy cluster" in detail))
+            or "not supported for learner" in detail)
 
 
 def split_endpoint(url: str) -> tuple[str, str, int]:

@@ -225,7 +225,7 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
         assert n.http("GET", "/api/v1/pki")[1]["cas"][0]["fingerprint"] == n1.http("GET", "/api/v1/pki")[1]["cas"][0][
             "fingerprint"]
 
-    port = int(h["components"]["etcd"]["endpoint"].rsplit(":", 1)[1])  # n3's member
+    port = int(json.loads((n3.data_root / "etcd" / "ports.json").read_text())["client"])  # n3's own member
     trust = n3.pki_dir / "trust-cas.pem"
     # plain HTTP, TLS without a client certificate: refused before etcd reads a key
     with pytest.raises((ConnectionError, http.client.HTTPException)):
@@ -276,6 +276,17 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     assert worst < 5.0
     write(n3.vol(volume) / "after-loss.txt", "n1 is gone")
     converged([n2, n3, n4], volume, timeout=30, expect=lambda t: "after-loss.txt" in t)
+
+    # n1 forgotten: its member goes, and so does its etcd user: its certificate no longer opens etcd
+    def forgotten() -> bool:
+        out = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "forget", "n1"], env=n2.env,
+                             capture_output=True, text=True, timeout=60)
+        return out.returncode == 0 and "etcd member" in out.stdout and "removed" in out.stdout
+
+    wait_for(forgotten, 40, interval=1, what="forget n1 to be accepted and remove its member")
+    assert voting(n2) == ["n2", "n3"]
+    err = etcd_read(port, trust, n1.pki_dir / "node-identity.pem")
+    assert "user name not found" in err or "permission denied" in err, err
 
 
 def test_ca_rotation_in_an_embedded_cluster_under_tls(hosts, volume):
