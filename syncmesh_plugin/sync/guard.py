@@ -102,7 +102,9 @@ class DeleteGuard:
     # ---- what the guard is told
     def arrived(self, entries: Iterable[tuple[Entry, bool]], now: float) -> None:
         """Paths written (published locally or applied from a peer); `new` when the path was not live
-        before. A held path written again is no longer a deletion."""
+        before. A held path written again is no longer a deletion. What fell out of the window is
+        forgotten here too: a burst of arrivals with no deletion must not fill the memory up to the cap."""
+        self._expire(now)
         for e, new in entries:
             if new:
                 self._remember(self._born, e.path, now)

@@ -319,3 +319,16 @@ def test_the_window_setting_is_checked(value: str, ok: bool, tmp_path) -> None: 
     else:
         with pytest.raises(ConfigError, match=r"sync\.mass_delete_window"):
             load_config(None, env)
+
+
+def test_a_burst_of_arrivals_without_deletions_is_forgotten_as_it_leaves_the_window() -> None:
+    """100,000 files arriving with no deletion: only the window's arrivals are remembered (the cap is the
+    last resort, not what bounds an ordinary burst), and a path created long ago counts as old data."""
+    g = guard()  # window 10 s
+    for second in range(30):
+        g.arrived([(f(f"s{second}/{i}", second * 1000 + i, digest=f"d{second}-{i}"), True) for i in range(1000)],
+                  float(second))
+    assert g.describe()["created_in_window"] == 11_000  # seconds 19..29 (the edge is inclusive)
+    assert len(g._arrived) <= 2 * 11_000  # two identities per file: inode and content
+    v = g.judge([f(f"s0/{i}", 90_000 + i) for i in range(25)], 29.5)  # created 29 s ago: not churn
+    assert len(v.hold) == 25
