@@ -12,7 +12,7 @@ clients and peers alike present a certificate of the cluster's CA (--client-cert
 --peer-client-cert-auth) and etcd names the client by its certificate's common name (the node id) when
 authentication is on. The member reads the node's key and certificate from one file, replaced whole at a
 renewal (etcd loads it again for every new connection); it reads the trusted CAs when it starts, so the
-daemon restarts it when the cluster's trust bundle changes.
+daemon restarts it when the cluster trusts a new CA (one member at a time, see Daemon._restart_member_in_turn).
 """
 
 from __future__ import annotations
