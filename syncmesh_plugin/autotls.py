@@ -85,6 +85,10 @@ class ClusterPki:
         self._reported: dict[str, Any] = {}
         self._logged: dict[str, float] = {}
         self._founded = False  # found_locally: the bundle is published once etcd runs
+        # Awaited before this node reports that it trusts a new bundle: what else must load the trust first
+        # (the embedded etcd member) does it here, so the signer never moves a rotation past a member that
+        # would refuse the new CA's certificates.
+        self.before_trust_report: Callable[[], Awaitable[None]] | None = None
 
     # ---- local state -----------------------------------------------------------------------------------------
     @property
@@ -553,6 +557,8 @@ class ClusterPki:
                "serial": pki.serial_hex(self.cert.serial_number),
                "not_after": self.cert.not_valid_after_utc.timestamp()}
         if rec != self._reported:
+            if rec["trust_seq"] != self._reported.get("trust_seq") and self.before_trust_report is not None:
+                await self.before_trust_report()
             await self._store.put_pki_state(self.node, rec)
             self._reported = rec
 

@@ -159,6 +159,10 @@ class Daemon:
                                   hosts=[urlsplit(self.advertise).hostname or ""])
         self._http_started = False
         self._pki_logged = ""
+        self._member_cas: set[bytes] = set()  # the CAs the embedded member loaded when it started
+        self._member_trust_lock = asyncio.Lock()
+        if self.pki is not None and cfg.embedded_etcd:
+            self.pki.before_trust_report = self.load_member_trust
 
     # ---- start-up
     async def _bind_plugin_socket(self) -> None:
@@ -371,6 +375,8 @@ class Daemon:
                 self.pki.found_locally()  # the founder: the member serves with the cluster's certificates
             await emb.start()
         self.embedded = emb
+        if self.pki is not None:  # what the member loaded (load_member_trust)
+            self._member_cas = _pem_blocks(self.pki.files.read(self.pki.files.trust_cas))
         others = [str(e) for e in role.get("endpoints", []) if str(e) != emb.endpoint]
         self.etcd_endpoints = [emb.endpoint, *others]
         log.info("embedded etcd started on %s (data in %s%s)", emb.endpoint, emb.data_dir,
@@ -467,12 +473,11 @@ class Daemon:
 
     async def _follow_certificates(self) -> None:
         """A renewal or a CA rotation changed this node's certificate or trust: the etcd client dials with the
-        new ones, and the embedded member, which reads its trusted CAs when it starts, restarts when a CA it
-        does not trust yet was added (a CA dropped is dropped at its next start)."""
+        new ones, and the member loads a CA it does not trust yet (load_member_trust; during a rotation the
+        PKI calls it before it reports the new trust, so this loop only catches what came another way)."""
         assert self.pki is not None
         files = self.pki.files
         seen = (files.read(files.identity), files.read(files.trust_cas))
-        member_cas = _pem_blocks(seen[1])
         while True:
             await asyncio.sleep(5.0)
             now = (files.read(files.identity), files.read(files.trust_cas))
@@ -481,10 +486,19 @@ class Daemon:
             seen = now
             if self.store is not None and self.store.tls_files is not None:
                 self.store.reload_tls()
+            await self.load_member_trust()
+
+    async def load_member_trust(self) -> None:
+        """Restart the embedded member if the cluster trusts a CA the member did not load when it started (it
+        reads its trusted CAs only then); a CA dropped is dropped at its next start."""
+        assert self.pki is not None
+        async with self._member_trust_lock:
             emb = self.embedded
-            if emb is not None and emb.tls is not None and emb.proc is not None and _pem_blocks(now[1]) - member_cas:
-                await self._restart_member_in_turn(emb)
-                member_cas = _pem_blocks(now[1])
+            cas = _pem_blocks(self.pki.files.read(self.pki.files.trust_cas))
+            if emb is None or emb.tls is None or emb.proc is None or not cas - self._member_cas:
+                return
+            await self._restart_member_in_turn(emb)
+            self._member_cas = cas
 
     async def _restart_member_in_turn(self, emb: EmbeddedEtcd) -> None:
         """Restart our member once the members ahead of it have: members queue under their lease (the oldest
@@ -493,15 +507,24 @@ class Daemon:
         m, store, me = self.membership, self.store, self.cfg.node_id
         key = store.keys.election_key(MEMBER_RESTART, me) if store is not None else None
         loop = asyncio.get_running_loop()
-        if m is not None and store is not None and key is not None:
-            with contextlib.suppress(EtcdUnavailable):
-                await m.bind(key, dumps({"at": time.time()}))
-                deadline = loop.time() + 120
-                while loop.time() < deadline:
-                    queue = await store.election(MEMBER_RESTART)
-                    if not queue or queue[0].node == me:
-                        break
-                    await asyncio.sleep(0.5)
+        deadline = loop.time() + 120
+        bound = False
+        while m is not None and store is not None and key is not None:
+            try:
+                if not bound:
+                    await m.bind(key, dumps({"at": time.time()}))
+                    bound = True
+                queue = await store.election(MEMBER_RESTART)
+                others_up = all(e["healthy"] for e in store.endpoint_health()["endpoints"]
+                                if e["endpoint"] != emb.endpoint)
+                if (not queue or queue[0].node == me) and others_up:
+                    break
+            except EtcdUnavailable:
+                pass  # etcd busy with another member's restart: ask again, never go ahead unasked
+            if loop.time() > deadline:
+                log.warning("embedded etcd: still waiting for the other members after 120 s; restarting ours now")
+                break
+            await asyncio.sleep(0.5)
         try:
             log.info("embedded etcd: the cluster trusts a new CA; restarting the member to load it")
             await emb.stop()
@@ -511,9 +534,13 @@ class Daemon:
                     break
                 await asyncio.sleep(0.2)
         finally:
-            if m is not None and key is not None:
-                with contextlib.suppress(EtcdUnavailable):
-                    await m.unbind(key)
+            if m is not None and key is not None and bound:
+                for _ in range(20):  # the next member waits for this: keep trying while etcd settles
+                    try:
+                        await m.unbind(key)
+                        break
+                    except EtcdUnavailable:
+                        await asyncio.sleep(0.5)
 
     async def _monitor_etcd(self) -> None:
         while True:

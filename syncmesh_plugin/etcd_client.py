@@ -117,6 +117,8 @@ def failover_kind(exc: BaseException) -> str | None:
         return "refused" if "refused" in detail else "unavailable"
     if code == grpc.StatusCode.CANCELLED:
         return "unavailable"  # the channel was closed under the call (a re-resolved endpoint)
+    if code == grpc.StatusCode.UNKNOWN and "no status received" in detail:
+        return "unavailable"  # the member went away under the call (stopped, restarted): its answer is lost
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in detail:
         return "busy"
     if "not supported for learner" in detail:

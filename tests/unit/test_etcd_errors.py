@@ -23,6 +23,8 @@ def rpc(code: grpc.StatusCode, details: str) -> AioRpcError:
     (S.FAILED_PRECONDITION, "etcdserver: rpc not supported for learner", "learner", True),
     (S.FAILED_PRECONDITION, "etcdserver: too many learner members in cluster", None, False),  # the cluster's answer
     (S.DEADLINE_EXCEEDED, "deadline exceeded", "timeout", False),
+    (S.UNKNOWN, "No status received", "unavailable", False),  # the member stopped under the call
+    (S.UNKNOWN, "etcdserver: something else", None, False),
     (S.RESOURCE_EXHAUSTED, "etcdserver: too many requests", "busy", False),
     (S.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded", None, False),  # full on every member
     (S.PERMISSION_DENIED, "etcdserver: permission denied", None, False),
