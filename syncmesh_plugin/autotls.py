@@ -103,12 +103,7 @@ class ClusterPki:
             return False
         try:
             bundle = Bundle.from_json(trust.get("bundle"))
-            crls = {}
-            for pem in trust.get("crls", []):
-                crl = pki.load_crl(pem)
-                ca = self._issuer_of_crl(bundle, crl)
-                if ca is not None:
-                    crls[pki.fingerprint(ca)] = crl
+            crls = self._crls_by_ca(bundle, [pki.load_crl(pem) for pem in trust.get("crls", [])])
             cert = pki.load_cert(cert_raw)
             key = pki.load_key(key_raw)
         except PkiError as exc:
@@ -153,6 +148,28 @@ class ClusterPki:
         self.files.write(self.files.node_cert, pki.cert_pem(cert).encode(), 0o644)
         self.files.write(self.files.identity, pki.key_pem(key) + pki.cert_pem(cert).encode(), 0o600)
         self.cert = cert
+
+    def _joined(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        """A joining node's first certificate, of the bundle it took: saved, and used from now on."""
+        assert self.bundle is not None
+        self._save_trust()
+        self._save_identity(key, cert)
+        self._recompute_revoked()
+        self._rebuild()
+        log.info("joined the cluster: certificate %s from CA %s (signer %s), valid until %s",
+                 pki.serial_hex(cert.serial_number), self.bundle.current[:16], self.bundle.signer,
+                 cert.not_valid_after_utc.isoformat(timespec="seconds"))
+
+    @classmethod
+    def _crls_by_ca(cls, bundle: Bundle, crls: Sequence[x509.CertificateRevocationList]
+                    ) -> dict[str, x509.CertificateRevocationList]:
+        """The CRLs signed by a CA of the bundle, by that CA's fingerprint (the others are dropped)."""
+        out = {}
+        for crl in crls:
+            ca = cls._issuer_of_crl(bundle, crl)
+            if ca is not None:
+                out[pki.fingerprint(ca)] = crl
+        return out
 
     @staticmethod
     def _issuer_of_crl(bundle: Bundle, crl: x509.CertificateRevocationList) -> x509.Certificate | None:
@@ -284,13 +301,7 @@ class ClusterPki:
             assert self.token is not None
             proof["hmac"] = pki.join_proof(self.token.secret, self.node, der)
         cert = await self._request(csr, proof, key)
-        self._save_trust()
-        self._save_identity(key, cert)
-        self._recompute_revoked()
-        self._rebuild()
-        log.info("joined the cluster: certificate %s from CA %s (signer %s), valid until %s",
-                 pki.serial_hex(cert.serial_number), bundle.current[:16], bundle.signer,
-                 cert.not_valid_after_utc.isoformat(timespec="seconds"))
+        self._joined(key, cert)
 
     async def _create_cluster(self) -> None:
         assert self._store is not None
@@ -427,18 +438,8 @@ class ClusterPki:
             raise PkiError("the node asked to join served a certificate that is not of the cluster's CA (the CA "
                            "the join token names): refusing its answer")
         self.bundle = bundle
-        self.crls = {}
-        for crl in crls:
-            ca = self._issuer_of_crl(bundle, crl)
-            if ca is not None:
-                self.crls[pki.fingerprint(ca)] = crl
-        self._save_trust()
-        self._save_identity(key, cert)
-        self._recompute_revoked()
-        self._rebuild()
-        log.info("joined the cluster: certificate %s from CA %s (signer %s), valid until %s",
-                 pki.serial_hex(cert.serial_number), bundle.current[:16], bundle.signer,
-                 cert.not_valid_after_utc.isoformat(timespec="seconds"))
+        self.crls = self._crls_by_ca(bundle, crls)
+        self._joined(key, cert)
 
     @staticmethod
     def _trusted_by(bundle: Bundle, der: bytes) -> bool:

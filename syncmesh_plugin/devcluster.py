@@ -431,6 +431,22 @@ class Node:
         return Path(data["Mountpoint"])
 
 
+def embedded_etcd_pid(n: Node) -> int | None:
+    """The pid of a node's embedded etcd, found by its data directory (never by a process name)."""
+    data = str(n.data_root / "etcd" / "data").encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if data in args and args[0].endswith(b"etcd"):
+            return int(d)
+    return None
+
+
 def tree(root: Path) -> dict[str, tuple[Any, ...]]:
     """Content digest of a whole tree: kind, content hash / target, mode. Temp files excluded."""
     out: dict[str, tuple[Any, ...]] = {}

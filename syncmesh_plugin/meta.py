@@ -308,6 +308,24 @@ class EtcdStore:
             if self.request_hook is not None:
                 self.request_hook(what, time.monotonic() - t0, ok)
 
+    async def _call_unless(self, already: str, what: str, fn: Callable[[], Awaitable[Any]]) -> bool:
+        """A change that may be done already (a user that exists, a member that is gone): True when this call
+        made it, False when etcd's error says `already`; other errors raise."""
+        try:
+            await self._call(what, fn)
+        except EtcdUnavailable as exc:
+            if already in str(exc):
+                return False
+            raise
+        return True
+
+    async def _on_member(self, url: str, what: str, fn: Callable[[], Awaitable[_S]], timeout: float) -> _S:
+        """A request to the member at this endpoint only (no failover): its status, its defragmentation."""
+        try:
+            return await self.connection.on_member(url, fn, timeout)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            raise _wrap(exc, f"{what} of {url}") from None
+
     async def _current_values(self, keys: Sequence[bytes], deadline: float) -> list[KV | None]:
         """The keys as etcd holds them now, in one read-only transaction (one revision)."""
         from etcd3aio.kv import KVService
@@ -544,22 +562,14 @@ class EtcdStore:
     async def add_cert_user(self, name: str) -> None:
         """An etcd user for the node `name` (no password: etcd takes the name from the client certificate's
         common name) with the root role (nodes run the member API and maintenance). Already there: kept."""
-        try:
-            await self._call("user_add", lambda: self._auth.user_add(name, no_password=True, timeout=self.timeout))
-        except EtcdUnavailable as exc:
-            if "already exists" not in str(exc):
-                raise
+        await self._call_unless("already exists", "user_add",
+                                lambda: self._auth.user_add(name, no_password=True, timeout=self.timeout))
         await self._call("user_grant_role", lambda: self._auth.user_grant_role(name, "root", timeout=self.timeout))
 
     async def delete_cert_user(self, name: str) -> bool:
         """A forgotten node's etcd user goes: its certificate no longer opens etcd. False if there was none."""
-        try:
-            await self._call("user_delete", lambda: self._auth.user_delete(name, timeout=self.timeout))
-        except EtcdUnavailable as exc:
-            if "not found" in str(exc):
-                return False
-            raise
-        return True
+        return await self._call_unless("not found", "user_delete",
+                                       lambda: self._auth.user_delete(name, timeout=self.timeout))
 
     async def enable_cert_auth(self, node: str) -> None:
         """Turn etcd authentication on with the users it needs first: root (etcd requires it) and this node.
@@ -588,35 +598,21 @@ class EtcdStore:
 
     async def member_remove(self, member_id: int) -> bool:
         """Remove a member through the member API; False if it was not a member (any more)."""
-        try:
-            await self._call("member_remove", lambda: self._cluster.member_remove(member_id, timeout=self.timeout))
-        except EtcdUnavailable as exc:
-            if "member not found" in str(exc):
-                return False
-            raise
-        return True
-
-    async def defragment(self) -> None:
-        await self._call("defragment", lambda: self._maintenance.defragment(timeout=120), timeout=120)
+        return await self._call_unless("member not found", "member_remove",
+                                       lambda: self._cluster.member_remove(member_id, timeout=self.timeout))
 
     def endpoint_urls(self) -> list[str]:
         return self.connection.urls
 
     async def member_status(self, url: str) -> dict[str, int]:
         """Database size of the member at this endpoint (each member keeps its own file)."""
-        try:
-            st = await self.connection.on_member(url, lambda: self._maintenance.status(timeout=self.timeout),
-                                                 self.timeout)
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-            raise _wrap(exc, f"status of {url}") from None
+        st = await self._on_member(url, "status", lambda: self._maintenance.status(timeout=self.timeout),
+                                   self.timeout)
         return {"db_size": int(st.dbSize), "db_size_in_use": int(getattr(st, "dbSizeInUse", 0) or 0)}
 
     async def defragment_member(self, url: str) -> None:
         """Defragment the member at this endpoint only (it stops answering meanwhile; the others do not)."""
-        try:
-            await self.connection.on_member(url, lambda: self._maintenance.defragment(timeout=120), 120)
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-            raise _wrap(exc, f"defragment of {url}") from None
+        await self._on_member(url, "defragment", lambda: self._maintenance.defragment(timeout=120), 120)
 
     async def alarms(self) -> list[str]:
         """Active etcd alarms (NOSPACE: the database hit its quota and refuses writes)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncmesh_plugin.devcluster import Etcd, EtcdCluster, Node, wait_for
+from syncmesh_plugin.devcluster import Etcd, EtcdCluster, Node, embedded_etcd_pid, wait_for
 from syncmesh_plugin.devcluster import tree as _tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
@@ -462,22 +462,6 @@ def sigcont(n: Node) -> None:
     if n.proc is not None and n.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             n.proc.send_signal(signal.SIGCONT)
-
-
-def embedded_etcd_pid(n: Node) -> int | None:
-    """The pid of a node's embedded etcd, found by its data directory (never by a process name)."""
-    data = str(n.data_root / "etcd" / "data").encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as fh:
-                args = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if data in args and args[0].endswith(b"etcd"):
-            return int(d)
-    return None
 
 
 def ns_iptables(netns: str, *rule: str, add: bool = True) -> None:

@@ -27,28 +27,12 @@ from conftest import check_daemon_logs
 from etcd3aio import Etcd3Client
 
 from syncmesh_plugin import pki
-from syncmesh_plugin.devcluster import Node, converged, wait_for, write
-
-
-def etcd_pid(n: Node) -> int | None:
-    """The pid of the node's embedded etcd (found by its data directory, never by a name)."""
-    data = str(n.data_root / "etcd" / "data")
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as fh:
-                args = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if data.encode() in args and any(a.endswith(b"etcd") for a in args[:1]):
-            return int(d)
-    return None
+from syncmesh_plugin.devcluster import Node, converged, embedded_etcd_pid, wait_for, write
 
 
 def lose_host(n: Node) -> None:
     """The host is gone for good: its daemon and its etcd member die at once (SIGKILL)."""
-    pid = etcd_pid(n)
+    pid = embedded_etcd_pid(n)
     n.kill()
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
@@ -82,11 +66,22 @@ def hosts(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
 
     yield make
     for n in made:
-        pid = etcd_pid(n)
+        pid = embedded_etcd_pid(n)
         n.stop(timeout=10)
-        if pid is not None and etcd_pid(n) == pid:
+        if pid is not None and embedded_etcd_pid(n) == pid:
             os.kill(pid, signal.SIGKILL)  # a member whose daemon was killed earlier in the test
     check_daemon_logs(made, request)
+
+
+def forget_member(via: Node, node: str) -> None:
+    """`syncmesh-plugin forget NODE` on `via`'s host until it is accepted (once the node's lease expired) and
+    has removed the node's etcd member."""
+    def forgotten() -> bool:
+        out = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "forget", node], env=via.env,
+                             capture_output=True, text=True, timeout=60)
+        return out.returncode == 0 and "etcd member" in out.stdout and "removed" in out.stdout
+
+    wait_for(forgotten, 40, interval=1, what=f"forget {node} to be accepted and remove its member")
 
 
 def _create_all(nodes: list[Node], name: str) -> float:
@@ -107,12 +102,12 @@ def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volum
     n3 = hosts("n3", join=n2)  # any node of the cluster can take a newcomer in
     wait_for(lambda: voting(n1) == ["n1", "n2", "n3"], 30, what="n3 to be promoted to a voting member")
     n4 = hosts("n4", join=n1)  # the cluster has its three members: a client only
-    assert etcd_pid(n4) is None and voting(n4) == ["n1", "n2", "n3"]
+    assert embedded_etcd_pid(n4) is None and voting(n4) == ["n1", "n2", "n3"]
     role = json.loads((n4.data_root / "etcd" / "cluster.json").read_text())
     assert role["role"] == "client" and len(role["endpoints"]) == 3
     for n in (n2, n3):
         assert json.loads((n.data_root / "etcd" / "cluster.json").read_text())["role"] == "member"
-        assert etcd_pid(n) is not None
+        assert embedded_etcd_pid(n) is not None
     # every node talks to its own member first; the client to a member
     for n in (n1, n2, n3):
         _, h = n.http("GET", "/api/v1/health")
@@ -138,12 +133,7 @@ def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volum
     converged([n2, n3, n4], volume, timeout=30, expect=lambda t: len([p for p in t if p.startswith("after-")]) == 3)
 
     # forget n1 (once its lease expired): its member goes, two are left; a new host takes the free place
-    def forgotten() -> bool:
-        out = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "forget", "n1"], env=n2.env,
-                             capture_output=True, text=True, timeout=60)
-        return out.returncode == 0 and "etcd member" in out.stdout and "removed" in out.stdout
-
-    wait_for(forgotten, 40, interval=1, what="forget n1 to be accepted and remove its member")
+    forget_member(n2, "n1")
     assert voting(n2) == ["n2", "n3"]
     wait_for(lambda: len(n3.http("GET", "/api/v1/health")[1]["components"]["etcd"]["members"]) == 2, 20,
              what="n3's endpoints to drop the forgotten member")
@@ -162,7 +152,7 @@ def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volum
 
 
 def etcd_args(n: Node) -> list[str]:
-    pid = etcd_pid(n)
+    pid = embedded_etcd_pid(n)
     assert pid is not None, f"{n.name} runs no etcd member"
     with open(f"/proc/{pid}/cmdline", "rb") as fh:
         return [a.decode() for a in fh.read().split(b"\0") if a]
@@ -210,7 +200,7 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     n3 = hosts("n3", join=n2, tls=True, token=token)
     wait_for(lambda: voting(n1) == ["n1", "n2", "n3"], 30, what="n3 to be promoted to a voting member")
     n4 = hosts("n4", join=n3, tls=True, token=token)  # the cluster has its three members: a client only
-    assert etcd_pid(n4) is None and voting(n4) == ["n1", "n2", "n3"]
+    assert embedded_etcd_pid(n4) is None and voting(n4) == ["n1", "n2", "n3"]
     for m in members(n1):
         assert all(u.startswith("https://") for u in m["peer_urls"] + m["client_urls"]), m
     for n in (n1, n2, n3):
@@ -250,7 +240,7 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     bad = hosts("bad", join=n1, tls=True, token=wrong, start=False)
     bad.start(wait=False)
     wait_for(lambda: "the join token's secret is wrong" in bad.log(), 30, what="the wrong token to be refused")
-    assert not (bad.pki_dir / "node-identity.pem").exists() and etcd_pid(bad) is None
+    assert not (bad.pki_dir / "node-identity.pem").exists() and embedded_etcd_pid(bad) is None
     assert sorted(m["name"] for m in members(n1)) == ["n1", "n2", "n3"]
     bad.stop()
 
@@ -278,12 +268,7 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     converged([n2, n3, n4], volume, timeout=30, expect=lambda t: "after-loss.txt" in t)
 
     # n1 forgotten: its member goes, and so does its etcd user: its certificate no longer opens etcd
-    def forgotten() -> bool:
-        out = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "forget", "n1"], env=n2.env,
-                             capture_output=True, text=True, timeout=60)
-        return out.returncode == 0 and "etcd member" in out.stdout and "removed" in out.stdout
-
-    wait_for(forgotten, 40, interval=1, what="forget n1 to be accepted and remove its member")
+    forget_member(n2, "n1")
     assert voting(n2) == ["n2", "n3"]
     err = etcd_read(port, trust, n1.pki_dir / "node-identity.pem")
     assert "user name not found" in err or "permission denied" in err, err
