@@ -7,6 +7,7 @@ reason, never a traceback: a malformed body or a wrong field type included.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -108,6 +109,14 @@ def make_app(get_manager: Callable[[], VolumeManager | None]) -> web.Application
             return _err(str(exc))
         except (ClusterUnavailable, EtcdUnavailable) as exc:
             return _err(f"cluster unavailable: {exc}")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the call itself was cancelled (dockerd hung up, the daemon stops)
+            # a library's inner cancellation that escaped (gRPC cancels calls on a closing channel): dockerd
+            # gets an error to retry on, not a dropped connection
+            log.exception("VolumeDriver.%s interrupted", method)
+            return _err(f"VolumeDriver.{method} was interrupted; try again")
         except Exception as exc:  # never a traceback to dockerd; the log has it
             log.exception("VolumeDriver.%s failed", method)
             return _err(f"internal error in VolumeDriver.{method}: {type(exc).__name__}: {exc}")

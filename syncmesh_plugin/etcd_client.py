@@ -308,9 +308,18 @@ class EtcdConnection:
                 ep.interrupted.add(call)
                 call.cancel()
             with contextlib.suppress(RuntimeError):
-                task = asyncio.get_running_loop().create_task(client.close())
+                task = asyncio.get_running_loop().create_task(self._close_gracefully(client))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+
+    async def _close_gracefully(self, client: Etcd3Client) -> None:
+        """Close a channel left for a new one once the requests already on it have their answers (gRPC
+        cancels the ones still running when a channel closes; a request's whole time is the grace)."""
+        channel = client._channel
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close(grace=self.timeout)
+        await client.close()
 
     async def ready(self, ep: Endpoint) -> Etcd3Client:
         """The endpoint's channel, made (or made again on a new address) and authenticated."""
@@ -386,6 +395,7 @@ class EtcdConnection:
                 continue
             tried.add(id(ep))
             per = min(self.attempt_timeout(total), remaining)
+            client: Etcd3Client | None = None
             try:
                 async with asyncio.timeout(per):
                     client = await self.ready(ep)
@@ -394,6 +404,16 @@ class EtcdConnection:
                         res = await fn()
                     finally:
                         ATTEMPT.reset(token)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or client is None or ep.client is client:
+                    raise  # this request was cancelled (asyncio.timeout turns its own expiry into TimeoutError)
+                # gRPC cancelled the attempt because its channel closed under it (new TLS material, a new
+                # address): not this request's cancellation. Try again on the endpoint's new channel.
+                if once:
+                    raise AnswerLost(ConnectionError(f"the channel to {ep.url} closed under the request")) from None
+                tried.discard(id(ep))
+                continue
             except EtcdUnauthenticatedError:
                 # etcd forgets simple tokens when it restarts, and a member does not know another's tokens:
                 # authenticate again once (one request for all the calls that failed together), then retry.

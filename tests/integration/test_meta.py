@@ -3,7 +3,11 @@ and a volume's removal leaves none of its keys behind."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+
+import pytest
+from etcd3aio import Etcd3Client
 
 from syncmesh_plugin.config import EtcdConfig
 from syncmesh_plugin.manifest import Manifest
@@ -53,5 +57,44 @@ async def test_typed_records_round_trip(etcd) -> None:
         _, left = await store.get_all(prefix.encode() + b"/")
         # gc/<volume> outlives the volume (as before the keyspace moved to one module).
         assert sorted(kv.key for kv in left) == sorted([ks.node_key("n1"), ks.gc_key("data")])
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("grace", ["requests finish on the old channel", "old channel closed at once"])
+async def test_new_tls_material_fails_no_request_in_flight(etcd, grace) -> None:
+    """A renewed certificate or a rotated CA makes every channel again (EtcdConnection.set_tls). Requests
+    already on the old channel still get their answer: it closes once they have one, and a request whose
+    channel gRPC closed under it anyway is sent again on the new one (a compare-and-swap is checked instead,
+    never applied twice). Before, such requests raised CancelledError and aiohttp dropped Docker's call."""
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    store = EtcdStore(EtcdConfig(endpoints=[etcd.endpoint], prefix=prefix), [etcd.endpoint])
+    await store.connect()
+    conn = store.connection
+    if grace == "old channel closed at once":
+        async def close_at_once(client: Etcd3Client) -> None:
+            await client.close()
+        conn._close_gracefully = close_at_once  # type: ignore[method-assign]
+    try:
+        async def put(i: int) -> None:
+            await store.put(f"{prefix}/k{i}".encode(), b"x" * 1000)
+
+        async def publish(i: int) -> bool:
+            ok, _ = await store.publish("vol", [(f"f{i}.txt", b'{"v":1}', 0)])
+            return ok
+
+        published = []
+        for r in range(10):
+            tasks = [asyncio.create_task(put(r * 100 + i)) for i in range(40)]
+            cas = [asyncio.create_task(publish(r * 100 + i)) for i in range(10)]
+            await asyncio.sleep(0.002)  # the requests are on the channel now
+            conn.set_tls(conn.tls)
+            await asyncio.gather(*tasks)  # none raises (CancelledError before)
+            published += await asyncio.gather(*cas)
+        assert all(published), "a publish in flight was reported as failed"
+        _, kvs = await store.get_all(f"{prefix}/k".encode())
+        assert len(kvs) == 400
+        for kv in (await store.get_all(store.keys.file_key("vol", "")))[1]:
+            assert kv.create_revision == kv.mod_revision, f"{kv.key!r} was written twice"
     finally:
         await store.close()

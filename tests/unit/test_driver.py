@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from syncmesh_plugin import driver
 from syncmesh_plugin.driver import MAX_BODY, make_app
 from syncmesh_plugin.engine import Engine, EngineContext
 from syncmesh_plugin.state import LocalState
@@ -320,6 +321,20 @@ async def test_body_too_large(h: Harness) -> None:
     status, body = await h.call("VolumeDriver.Get", raw=big)
     assert status == 500
     assert body == {"Err": f"request body larger than {MAX_BODY} bytes"}
+
+
+async def test_a_cancellation_from_inside_is_an_error_not_a_dropped_call(h: Harness, monkeypatch) -> None:
+    """gRPC cancels the calls on a channel it closes; such a CancelledError is not dockerd's call being
+    cancelled, and dockerd must get an error to retry on (a dropped connection failed a Create in CI)."""
+    async def interrupted(vm: VolumeManager, body: dict[str, Any]) -> dict[str, Any]:
+        raise asyncio.CancelledError
+
+    monkeypatch.setitem(driver.HANDLERS, "Get", interrupted)
+    status, body = await h.call("VolumeDriver.Get", {"Name": "vol1"})
+    assert status == 500
+    assert body == {"Err": "VolumeDriver.Get was interrupted; try again"}
+    status, _ = await h.call("VolumeDriver.List", {})  # the server goes on serving
+    assert status == 200
 
 
 async def test_content_type_json_is_also_accepted(h: Harness) -> None:
