@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from . import api, chunker, driver, etcd_cluster, metrics
+from . import api, chunker, driver, etcd_cluster, memory, metrics
 from .auth import AutoAccess
 from .autotls import ClusterPki, PkiApi
 from .config import Config
@@ -289,6 +289,7 @@ class Daemon:
         # Volumes held before a restart keep syncing locally at once; etcd catches up when it answers.
         await self.manager.resume_held()
         self._tasks.append(asyncio.create_task(self._connect_loop(), name="etcd-connect"))
+        self._tasks.append(asyncio.create_task(memory.release_loop(), name="memory-release"))
 
     async def _connect_loop(self) -> None:
         backoff = 0.5
