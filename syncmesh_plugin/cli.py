@@ -37,8 +37,9 @@ def main() -> None:
 def serve(config: str | None) -> None:
     """Run the plugin daemon (Docker socket + peer/API server)."""
     cfg = _load(config)
-    from .daemon import limit_malloc_arenas, run_daemon
+    from .daemon import run_daemon
     from .logs import setup_logging
+    from .memory import limit_malloc_arenas
 
     limit_malloc_arenas()
 

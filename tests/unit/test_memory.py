@@ -38,3 +38,7 @@ def test_freed_heap_pages_go_back_to_the_system() -> None:
     assert held_k - base_k > 150_000, f"the freed buffers should still be held before the release: {out.stdout}"
     assert released == "True"
     assert held_k - after_k > 150_000, f"released {held_k - after_k} KiB of about 200 MB freed"
+
+
+def test_arenas_are_limited_where_glibc_allows() -> None:
+    assert memory.limit_malloc_arenas(), "mallopt(M_ARENA_MAX) refused or glibc not found"
