@@ -197,6 +197,15 @@ class Endpoint:
         return None if self.health is None else self.health.ok
 
 
+async def _attempt(client: Etcd3Client, fn: Callable[[], Awaitable[T]]) -> T:
+    """One attempt of a request on this client: meta's service accessors read it from ATTEMPT."""
+    token = ATTEMPT.set(client)
+    try:
+        return await fn()
+    finally:
+        ATTEMPT.reset(token)
+
+
 class EtcdConnection:
     """The endpoints of one etcd cluster, failover between them, member health."""
 
@@ -247,13 +256,17 @@ class EtcdConnection:
         ep = next((e for e in self.endpoints if e.url == url), None)
         if ep is None:
             raise ValueError(f"no etcd endpoint {url}")
-        async with asyncio.timeout(timeout):
-            client = await self.ready(ep)
-            token = ATTEMPT.set(client)
-            try:
-                return await fn()
-            finally:
-                ATTEMPT.reset(token)
+        client: Etcd3Client | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                client = await self.ready(ep)
+                return await _attempt(client, fn)
+        except asyncio.CancelledError:
+            if not self._closed_under(ep, client):
+                raise
+            # a defragmentation outlasts the grace of a channel closed under it (new TLS material): an error
+            # for the caller to try again, not a cancellation that would end the caller's task
+            raise ConnectionError(f"the channel to {url} closed under the request") from None
 
     def set_tls(self, tls: TLS) -> None:
         """New TLS material (a renewed certificate, a rotated CA): every channel is made again with it on its
@@ -320,6 +333,13 @@ class EtcdConnection:
             with contextlib.suppress(Exception):
                 await channel.close(grace=self.timeout)
         await client.close()
+
+    @staticmethod
+    def _closed_under(ep: Endpoint, client: Etcd3Client | None) -> bool:
+        """A CancelledError raised in a request on `client` is gRPC's, not the request's own cancellation:
+        the channel was closed under it (new TLS material, a new address) and the endpoint has another."""
+        task = asyncio.current_task()
+        return client is not None and ep.client is not client and (task is None or not task.cancelling())
 
     async def ready(self, ep: Endpoint) -> Etcd3Client:
         """The endpoint's channel, made (or made again on a new address) and authenticated."""
@@ -399,17 +419,11 @@ class EtcdConnection:
             try:
                 async with asyncio.timeout(per):
                     client = await self.ready(ep)
-                    token = ATTEMPT.set(client)
-                    try:
-                        res = await fn()
-                    finally:
-                        ATTEMPT.reset(token)
+                    res = await _attempt(client, fn)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if (task is not None and task.cancelling()) or client is None or ep.client is client:
+                if not self._closed_under(ep, client):
                     raise  # this request was cancelled (asyncio.timeout turns its own expiry into TimeoutError)
-                # gRPC cancelled the attempt because its channel closed under it (new TLS material, a new
-                # address): not this request's cancellation. Try again on the endpoint's new channel.
+                # Try again on the endpoint's new channel.
                 if once:
                     raise AnswerLost(ConnectionError(f"the channel to {ep.url} closed under the request")) from None
                 tried.discard(id(ep))

@@ -94,6 +94,17 @@ def _create_all(nodes: list[Node], name: str) -> float:
     return worst
 
 
+def _each_node_writes(nodes: list[Node], volume: str) -> None:
+    """The volume created and mounted on every node, a file written on each, the same tree everywhere."""
+    _create_all(nodes, volume)
+    for n in nodes:
+        n.mount(volume)
+    for n in nodes:
+        write(n.vol(volume) / f"from-{n.name}.txt", f"written on {n.name}")
+    converged(nodes, volume, timeout=30,
+              expect=lambda t: len([p for p in t if p.startswith("from-")]) == len(nodes))
+
+
 def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volume):
     n1 = hosts("n1")
     assert voting(n1) == ["n1"]
@@ -115,12 +126,7 @@ def test_embedded_cluster_grows_survives_a_lost_host_and_forgets_it(hosts, volum
         wait_for(lambda n=n: len(n.http("GET", "/api/v1/health")[1]["components"]["etcd"]["members"]) == 3, 20,
                  what=f"{n.name}'s endpoints to follow the member list")
     nodes = [n1, n2, n3, n4]
-    _create_all(nodes, volume)
-    for n in nodes:
-        n.mount(volume)
-    for n in nodes:
-        write(n.vol(volume) / f"from-{n.name}.txt", f"written on {n.name}")
-    converged(nodes, volume, timeout=30, expect=lambda t: len([p for p in t if p.startswith("from-")]) == 4)
+    _each_node_writes(nodes, volume)
 
     # n1's host is lost for good (daemon and member killed at once): the other two members keep a quorum
     lose_host(n1)
@@ -245,12 +251,7 @@ def test_embedded_cluster_under_tls_uses_the_clusters_certificates_and_etcd_auth
     bad.stop()
 
     nodes = [n1, n2, n3, n4]
-    _create_all(nodes, volume)
-    for n in nodes:
-        n.mount(volume)
-    for n in nodes:
-        write(n.vol(volume) / f"from-{n.name}.txt", f"written on {n.name}")
-    converged(nodes, volume, timeout=30, expect=lambda t: len([p for p in t if p.startswith("from-")]) == 4)
+    _each_node_writes(nodes, volume)
 
     # a member restarts from its data (with its certificate, TLS from the start), then the founder's host is
     # lost: the two other members keep a quorum over TLS

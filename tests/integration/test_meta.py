@@ -11,7 +11,7 @@ from etcd3aio import Etcd3Client
 
 from syncmesh_plugin.config import EtcdConfig
 from syncmesh_plugin.manifest import Manifest
-from syncmesh_plugin.meta import EtcdStore, dumps
+from syncmesh_plugin.meta import EtcdStore, EtcdUnavailable, dumps
 
 
 async def test_typed_records_round_trip(etcd) -> None:
@@ -83,15 +83,28 @@ async def test_new_tls_material_fails_no_request_in_flight(etcd, grace) -> None:
             ok, _ = await store.publish("vol", [(f"f{i}.txt", b'{"v":1}', 0)])
             return ok
 
-        published = []
+        async def status() -> str:
+            """A request to one member (no failover, no retry: maintenance tries again next round)."""
+            try:
+                await store.member_status(etcd.endpoint)
+            except EtcdUnavailable:
+                return "error"
+            return "ok"
+
+        published: list[bool] = []
+        statuses: list[str] = []
         for r in range(10):
             tasks = [asyncio.create_task(put(r * 100 + i)) for i in range(40)]
             cas = [asyncio.create_task(publish(r * 100 + i)) for i in range(10)]
+            one = [asyncio.create_task(status()) for _ in range(5)]
             await asyncio.sleep(0.002)  # the requests are on the channel now
             conn.set_tls(conn.tls)
             await asyncio.gather(*tasks)  # none raises (CancelledError before)
             published += await asyncio.gather(*cas)
+            statuses += await asyncio.gather(*one)  # an answer or an error, never a CancelledError
         assert all(published), "a publish in flight was reported as failed"
+        if grace == "requests finish on the old channel":
+            assert set(statuses) == {"ok"}, statuses
         _, kvs = await store.get_all(f"{prefix}/k".encode())
         assert len(kvs) == 400
         for kv in (await store.get_all(store.keys.file_key("vol", "")))[1]:
