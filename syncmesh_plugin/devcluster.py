@@ -318,6 +318,11 @@ class Node:
         self._ssl: tuple[float, ssl.SSLContext] | None = None
 
     @property
+    def api_url(self) -> str:
+        """The node's API as other hosts and the CLI reach it (https under the cluster's own PKI)."""
+        return f"{'https' if self.auto_tls else 'http'}://{self.api_host}:{self.port}"
+
+    @property
     def auto_tls(self) -> bool:
         """Whether the node runs the cluster's own PKI (the defaults): TLS on, no certificate files."""
         on = self.env.get("SYNCMESH_SECURITY_TLS_ENABLED", "true").strip().lower() not in ("0", "false", "no", "off")

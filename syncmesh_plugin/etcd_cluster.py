@@ -45,8 +45,6 @@ from .meta import EtcdStore, EtcdUnavailable
 
 log = logging.getLogger(__name__)
 
-JOIN_PATH = ETCD_JOIN_PATH
-
 
 class JoinRefused(RuntimeError):
     """The node asked could not take this node in (yet): the message says why; the join is retried."""
@@ -97,7 +95,7 @@ async def ask_to_join(session: aiohttp.ClientSession, join: str, request: dict[s
     """Ask the node at `join` for a place in its embedded etcd cluster (the joining side): `request` holds
     node, peer_urls, client_urls and, under TLS without a certificate yet, csr and hmac (`ssl` then pins
     the certificate the node serves)."""
-    url = join.rstrip("/") + JOIN_PATH
+    url = join.rstrip("/") + ETCD_JOIN_PATH
     try:
         async with session.post(url, json=request, ssl=ssl, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             body = await resp.json(content_type=None)

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import peer_certificate
+from ..auth import ETCD_JOIN_PATH, peer_certificate
 from ..meta import EtcdUnavailable
 from ..pki import PkiError
 from ..volopts import VolumeError
@@ -70,7 +70,7 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     return web.json_response({"nodes": out, "leader": ops.leader})
 
 
-@routes.post("/api/v1/cluster/etcd/members")
+@routes.post(ETCD_JOIN_PATH)
 async def etcd_join(request: web.Request) -> web.Response:
     """A node started with `join` asks for a place in this node's embedded etcd cluster: a learner member
     while the cluster has fewer than etcd.embedded_members members, else the members' client URLs."""

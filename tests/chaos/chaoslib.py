@@ -529,12 +529,11 @@ class Scenario:
             return env
 
         # the embedded cluster runs as users get it: the cluster's own CA, members and daemons on mutual TLS
-        tls = embedded
         if net:
             self.nodes: list[Node] = [NsNode(tmp, f"n{i}", self.etcd, prefix, netns=net.ns[i - 1], ip=net.addr(i),
-                                             tls=tls, **env_of(i)) for i in range(1, n + 1)]
+                                             tls=embedded, **env_of(i)) for i in range(1, n + 1)]
         else:
-            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, tls=tls, **env_of(i)) for i in range(1, n + 1)]
+            self.nodes = [Node(tmp, f"n{i}", self.etcd, prefix, tls=embedded, **env_of(i)) for i in range(1, n + 1)]
         self.pre_start = pre_start
 
     def start(self) -> Scenario:
@@ -561,9 +560,8 @@ class Scenario:
         """n1 starts its member alone, the others join it (SYNCMESH_JOIN) one by one and are promoted."""
         first, rest = self.nodes[0], self.nodes[1:]
         first.start(wait=True)
-        join = f"{'https' if first.auto_tls else 'http'}://{first.api_host}:{first.port}"
         for i, nd in enumerate(rest, start=2):
-            nd.env["SYNCMESH_JOIN"] = join
+            nd.env["SYNCMESH_JOIN"] = first.api_url
             if first.auto_tls:
                 nd.env["SYNCMESH_JOIN_TOKEN"] = first.join_token()
             nd.start(wait=False)

@@ -286,7 +286,7 @@ def test_restore_while_writers_run(scenario, seed, short):
                          ["versions"] if v["reason"] == "deleted") >= len(victims), 30, what="n3's kept versions")
     s.sleep(s.rng.uniform(0.2, 1.5))
     got = subprocess.run([sys.executable, "-m", "syncmesh_plugin", "restore", s.volume, "victim", "--at",
-                          str(before - 0.001), "--api", f"http://{c.api_host}:{c.port}"],
+                          str(before - 0.001), "--api", c.api_url],
                          capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stdout + got.stderr
     for nd in s.nodes:

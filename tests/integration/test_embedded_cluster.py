@@ -55,8 +55,7 @@ def hosts(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
 
     def make(name: str, join: Node | None = None, start: bool = True, tls: bool = False, token: str = "",
              **env: str) -> Node:
-        scheme = "https" if tls else "http"
-        extra = {"SYNCMESH_JOIN": f"{scheme}://127.0.0.1:{join.port}"} if join is not None else {}
+        extra = {"SYNCMESH_JOIN": join.api_url} if join is not None else {}
         n = Node(tmp_path, name, None, prefix, SYNCMESH_ETCD_TIMEOUT="5s", tls=tls, join_token=token, **extra, **env)
         made.append(n)
         if start:
