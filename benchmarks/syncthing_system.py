@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -44,18 +43,14 @@ from typing import Any
 
 from systems import System, proc_stats
 
+from syncmesh_plugin.etcd_embedded import free_port
+
 # fsWatcherDelayS is an integer number of seconds in syncthing 1.19 (config version 36): 0.5 is rejected
 # ("cannot unmarshal number 0.5 ... of type int") and 0 turns the watcher off (fsWatcherEnabled=false,
 # delay back to 10 s). 1 s is the minimum; changes are then picked up ~1 s after they happen.
 WATCHER_DELAY_S = 1
 START_TIMEOUT = 60.0
 IDLE_TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -80,8 +75,8 @@ class _Node:
         self.home = root / "home"
         self.binary = binary
         self.env = env
-        self.gui_port = _free_port()
-        self.listen_port = _free_port()
+        self.gui_port = free_port()
+        self.listen_port = free_port()
         self.api_key = uuid.uuid4().hex
         self.device_id = ""
         self.proc: subprocess.Popen[bytes] | None = None

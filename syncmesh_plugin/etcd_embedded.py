@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,8 +59,51 @@ class MemberRemoved(RuntimeError):
     """The member's data directory belongs to a member the cluster has removed (`forget`): it cannot start."""
 
 
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+LOWEST_CHOSEN_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def ephemeral_range(path: str = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The ports the kernel gives to outgoing connections and to bind(0) (Linux's default if unreadable)."""
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def port_candidates(lo: int, hi: int, lowest: int = LOWEST_CHOSEN_PORT) -> list[range]:
+    """The ports a listener may be given: above `lowest` and outside the ephemeral range [lo, hi]."""
+    return [r for r in (range(lowest, min(lo, 65536)), range(max(hi + 1, lowest), 65536)) if len(r)]
+
+
+def _nth(ranges: list[range], i: int) -> int:
+    for r in ranges:
+        if i < len(r):
+            return r[i]
+        i -= len(r)
+    raise IndexError(i)
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port free now, for a listener that binds it later, chosen outside the ephemeral range.
+
+    A port from bind(0) is an ephemeral one: until the listener binds it, any outgoing connection on the
+    host may be given it as its source port, and the listener then fails with EADDRINUSE (seen in CI, a
+    daemon's API port taken between the choice and the bind). Outside that range only another listener
+    can take it, so the choice is random there and checked by a bind; this process never hands it out twice.
+    """
+    ranges = port_candidates(*ephemeral_range())
+    total = sum(len(r) for r in ranges)
+    rng = random.SystemRandom()
+    for _ in range(200 if total else 0):
+        port = _nth(ranges, rng.randrange(total))
+        if port not in _handed_out and _reuse(port, host):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room outside the range: the kernel's pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
