@@ -515,7 +515,7 @@ def cpu_per_1k(r: Result) -> str:
 
 
 def table(results: list[Result]) -> str:
-    rows = [("workload", "system", "converged s", "rate", "limit s", "of limit", "peer MiB", "peak RSS MB",
+    rows = [("workload", "system", "converged s", "rate", "limit s", "of limit", "peer MiB", "peak RSS MiB",
              "CPU s/daemon", "CPU s/1k files")]
     for r in results:
         rows.append((r.workload, r.system, f"{r.seconds:.2f}" if not r.error else "FAILED", r.rate or r.error[:40],

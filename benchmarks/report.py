@@ -28,7 +28,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [f"Run of {data['when']} on this machine (2 cores, all {data['nodes']} nodes of each system on one "
              f"host{', quick sizes' if data.get('quick') else ''}); convergence verified by content digests.", "",
              "| workload | syncmesh | Syncthing | speed-up | limit (same writes, this disk) | syncmesh of limit | "
-             "CPU s / 1k files (syncmesh / Syncthing) | syncmesh peer MiB | syncmesh peak RSS MB |",
+             "CPU s / 1k files (syncmesh / Syncthing) | syncmesh peer MiB | syncmesh peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def order(k: str) -> tuple[int, str]:
