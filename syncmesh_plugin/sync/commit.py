@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LARGE_WAVE_BYTES = 8 * 1024 * 1024  # per wave of a streamed big file (two waves in flight: the peak RSS)
+LARGE_WAVE_BYTES = 6 * 1024 * 1024  # per wave of a streamed big file (two waves in flight: the peak RSS)
 
 
 def with_offsets(chunks: list[list[Any]]) -> list[tuple[str, int, int]]:
