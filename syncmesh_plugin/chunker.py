@@ -121,8 +121,8 @@ class FileContent:
 def scan_file(path: str | bytes, *, block_size: int = READ_BLOCK) -> FileContent:
     """Chunk and hash a file in one streaming pass; synchronous, run it in a worker thread.
 
-    The file is read with ``readinto`` into one reusable buffer of ``block_size + CHUNK_MAX`` bytes,
-    never mapped (a concurrent truncate would SIGBUS an mmap) and never held whole in memory. A
+    The file is read with ``readinto`` into one reusable buffer of ``block_size + CHUNK_MAX`` bytes;
+    the file itself is never mapped (a concurrent truncate would SIGBUS) nor held whole in memory. A
     chunk is only cut while at least CHUNK_MAX bytes follow its start in the buffer (or at EOF):
     FastCDC looks at no more than CHUNK_MAX bytes from a chunk start, so the boundaries are exactly
     those of chunking the whole content at once, whatever ``block_size`` is.
@@ -139,8 +139,8 @@ def scan_file(path: str | bytes, *, block_size: int = READ_BLOCK) -> FileContent
     whole = xxhash.xxh3_128()
     chunks: list[Chunk] = []
     capacity = block_size + CHUNK_MAX
-    # An anonymous mapping, not a bytearray: bytearray(n) zeroes all n bytes (9 MiB for every file of
-    # 100 KB: most of a burst's CPU on the writing node), a mapping only faults in the pages read into.
+    # An anonymous mapping, not a bytearray: bytearray(n) zeroes all n bytes (9 MiB for a file of 100 KB;
+    # 0.20 against 0.13 ms of CPU per such file), a mapping only faults in the pages read into.
     buf = mmap.mmap(-1, capacity)
     view = memoryview(buf)
     base = 0  # file offset of view[0]
