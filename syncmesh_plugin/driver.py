@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from . import metrics
+from .cancellation import cancelled_from_outside
 from .meta import EtcdUnavailable
 from .volopts import VolumeError
 from .volumes import ClusterUnavailable, VolumeManager
@@ -110,8 +111,7 @@ def make_app(get_manager: Callable[[], VolumeManager | None]) -> web.Application
         except (ClusterUnavailable, EtcdUnavailable) as exc:
             return _err(f"cluster unavailable: {exc}")
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            if cancelled_from_outside():
                 raise  # the call itself was cancelled (dockerd hung up, the daemon stops)
             # a library's inner cancellation that escaped (gRPC cancels calls on a closing channel): dockerd
             # gets an error to retry on, not a dropped connection

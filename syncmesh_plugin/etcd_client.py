@@ -38,6 +38,8 @@ from etcd3aio import Etcd3Client, EtcdError
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
 from etcd3aio.errors import EtcdConnectionError, EtcdTransientError, EtcdUnauthenticatedError
 
+from .cancellation import cancelled_from_outside
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -338,8 +340,7 @@ class EtcdConnection:
     def _closed_under(ep: Endpoint, client: Etcd3Client | None) -> bool:
         """A CancelledError raised in a request on `client` is gRPC's, not the request's own cancellation:
         the channel was closed under it (new TLS material, a new address) and the endpoint has another."""
-        task = asyncio.current_task()
-        return client is not None and ep.client is not client and (task is None or not task.cancelling())
+        return client is not None and ep.client is not client and not cancelled_from_outside()
 
     async def ready(self, ep: Endpoint) -> Etcd3Client:
         """The endpoint's channel, made (or made again on a new address) and authenticated."""
@@ -515,8 +516,7 @@ class EtcdConnection:
                 yield resp
             raise StreamMoved(f"etcd {ep.url} ended the watch stream")
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if call in ep.interrupted and (task is None or task.cancelling() == 0):
+            if call in ep.interrupted and not cancelled_from_outside():
                 raise StreamMoved(f"the watch left {ep.url} ({ep.last_error or 'endpoint changed'})") from None
             raise
         except grpc.aio.AioRpcError as exc:
