@@ -401,8 +401,15 @@ class VolumeWatcher:
         old_skip, new_skip = self._skip(old_rel), self._skip(new_rel)
         if old_skip and new_skip:
             return
-        if old_skip:  # e.g. .syncmesh-tmp-x -> x: looks like a new file to the caller
-            self._moved_in(new_rel, new_parent_wd, isdir)
+        if old_skip:
+            if not isdir and old_rel.rpartition("/")[2].startswith(TMP_PREFIX):
+                # This daemon's own temp file renamed into place (a remote version applied, a version
+                # restored, a conflict copy kept): whoever renamed it recorded it in the index or marked
+                # it dirty, and a write after the rename brings events of its own. Reporting it would
+                # only make the publisher look at every applied file again.
+                self._open.pop(new_rel, None)
+                return
+            self._moved_in(new_rel, new_parent_wd, isdir)  # e.g. x.tmp -> x: a new file to the caller
             return
         if new_skip:
             self._moved_out(old_rel, isdir, old_wd)

@@ -158,10 +158,13 @@ async def test_ignore_predicate_and_tmp_prefix(make: Callable[..., Made], tmp_pa
     (vol / "cache" / "f").write_text("x")
     (vol / "app.log").write_text("x")
     (vol / ".syncmesh-tmp-x").write_text("x")
-    os.rename(vol / ".syncmesh-tmp-x", vol / "final")
+    os.rename(vol / ".syncmesh-tmp-x", vol / "final")  # the daemon's own commit: it records that itself
+    os.rename(vol / "app.log", vol / "saved")  # an ignored name saved under its real name: a new file
     (vol / "ok").write_text("x")
-    await col.wait(lambda: {"final", "ok"} <= col.paths)  # "ok" came last: everything before it is in
-    assert col.paths == {"final", "ok"}  # tmp -> final looks like a new file; the temp name is never seen
+    await col.wait(lambda: {"saved", "ok"} <= col.paths)  # "ok" came last: everything before it is in
+    assert col.paths == {"saved", "ok"}  # neither the temp name nor the committed file is reported
+    (vol / "final").write_text("y")  # a write after the commit is, as any write
+    await col.wait(lambda: "final" in col.paths)
 
 
 @pytest.mark.asyncio
