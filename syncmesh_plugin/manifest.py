@@ -69,7 +69,7 @@ class Manifest:
         if self.kind == "file":
             d.update(s=self.size, t=self.mtime_ns, d=self.digest)
             if self.inline is not None:
-                d["i"] = base64.b64encode(self.inline).decode()
+                pass  # appended below
             elif self.blob:
                 d["b"], d["bd"] = self.blob, self.blob_digest
             else:
@@ -78,7 +78,12 @@ class Manifest:
             d["l"] = self.target
         if self.renamed_from:
             d["r"] = self.renamed_from
-        return json.dumps(d, separators=(",", ":")).encode()
+        head = json.dumps(d, separators=(",", ":")).encode()
+        if self.kind != "file" or self.inline is None:
+            return head
+        # Base64 needs no JSON escaping: appended as is instead of scanned character by character by
+        # the encoder (half the cost of a small file's manifest).
+        return b"".join((head[:-1], b',"i":"', base64.b64encode(self.inline), b'"}'))
 
 
 def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:

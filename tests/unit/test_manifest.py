@@ -45,6 +45,17 @@ def test_roundtrip_file_inline() -> None:
     assert out.chunks == []
 
 
+@pytest.mark.parametrize("renamed_from", ["", "old \"quoted\" name"])
+def test_inline_manifest_is_plain_json(renamed_from: str) -> None:
+    """The inline data is appended to the encoder's output by hand: still one JSON object, every field in it."""
+    m = Manifest(kind="file", size=3, mode=0o600, digest=DIGEST, inline=b"\x00\xff\n", origin="n1",
+                 renamed_from=renamed_from)
+    d = json.loads(m.encode())
+    assert d["i"] == base64.b64encode(b"\x00\xff\n").decode()
+    assert d.get("r", "") == renamed_from
+    assert set(d) == {"k", "o", "ts", "m", "u", "g", "s", "t", "d", "i"} | ({"r"} if renamed_from else set())
+
+
 def test_roundtrip_file_inline_empty() -> None:
     m = Manifest(kind="file", size=0, mode=0o600, digest=DIGEST, inline=b"", origin="n1")
     assert roundtrip(m) == m
