@@ -16,12 +16,12 @@ import os
 import secrets
 import stat as st_mod
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import chunker
 from .manifest import Manifest
-from .pathsafe import TMP_PREFIX, PathError, open_parent_dir
+from .pathsafe import TMP_PREFIX, PathError, open_parent_dir, validate_relpath
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 IS_ROOT = os.geteuid() == 0
@@ -84,6 +84,36 @@ def lstat(root: str, rel: str) -> FileStat | None:
         return None
     finally:
         os.close(dfd)
+
+
+def lstat_many(root: str, rels: Iterable[str]) -> dict[str, FileStat | None]:
+    """`lstat` of many paths: each parent directory is opened once (the same walk, never following a
+    symlinked parent) for all of its entries, instead of once per path. A batch of files applied or
+    published in one directory cost a walk from the root and three syscalls per level for each."""
+    out: dict[str, FileStat | None] = {}
+    groups: dict[str, list[str]] = {}
+    for rel in rels:
+        try:
+            validate_relpath(rel)
+        except PathError:
+            out[rel] = None
+            continue
+        groups.setdefault(rel.rpartition("/")[0], []).append(rel)
+    for group in groups.values():
+        try:
+            dfd = open_parent_dir(root, group[0], create=False)
+        except (FileNotFoundError, NotADirectoryError, PathError):
+            out.update(dict.fromkeys(group))
+            continue
+        try:
+            for rel in group:
+                try:
+                    out[rel] = FileStat.of(os.stat(rel.rpartition("/")[2], dir_fd=dfd, follow_symlinks=False))
+                except (FileNotFoundError, NotADirectoryError):
+                    out[rel] = None
+        finally:
+            os.close(dfd)
+    return out
 
 
 def iter_dir(root: str, base: str, ignored: Callable[[str, bool], bool],

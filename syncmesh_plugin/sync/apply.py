@@ -66,10 +66,10 @@ class Applier(Stage):
                 if len(self.vol.remote_ignored) < 100_000:
                     self.vol.remote_ignored[it.rel] = it.rev
             return
-        stats = await asyncio.to_thread(lambda: [localfs.lstat(self.root, it.rel) for it in todo])
+        stats = await asyncio.to_thread(localfs.lstat_many, self.root, [it.rel for it in todo])
         clean: list[Pending] = []
-        for it, fs in zip(todo, stats, strict=True):
-            it.fs = fs
+        for it in todo:
+            it.fs = fs = stats[it.rel]
             it.action = plan_remote(it.m, it.rev, it.rec, fs, STREAM_THRESHOLD, resolving)
             if it.action is Remote.CONFLICT:
                 await self.vol.conflicts.local_vs_remote(it)

@@ -168,7 +168,8 @@ class Follower(Stage):
             # already collected (delete them here, unless changed since), or never published (publish).
             removed = 0
             for batch in self.state.unseen_files(self.name):
-                stats = await asyncio.to_thread(lambda b: [localfs.lstat(self.root, r.path) for r in b], batch)
+                found = await asyncio.to_thread(localfs.lstat_many, self.root, [r.path for r in batch])
+                stats = [found[r.path] for r in batch]
                 collected = sorted((r.path for r, fs in zip(batch, stats, strict=True)
                                     if fs is not None and 0 < r.rev <= horizon and not differs(r, fs)),
                                    key=depth, reverse=True)

@@ -70,8 +70,7 @@ class LocalChanges(Stage):
             _, pages = await store.read_files(self.name, page=2048)
             async for page in pages:
                 items = [(store.path_of(self.name, kv.key), kv) for kv in page]
-                stats = await asyncio.to_thread(lambda rels: {rel: localfs.lstat(self.root, rel) for rel in rels},
-                                                [rel for rel, _ in items])
+                stats = await asyncio.to_thread(localfs.lstat_many, self.root, [rel for rel, _ in items])
                 recs = self.state.files_for(self.name, [rel for rel, _ in items])
                 adopt = []
                 for rel, kv in items:

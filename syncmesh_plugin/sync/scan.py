@@ -187,7 +187,7 @@ class Scanner(Stage):
                 return lambda rel, is_dir: self.vol.ignored(f"{top}/{rel}", is_dir)
 
             def look(todo: set[str] = todo) -> tuple[dict[str, FileStat | None], set[str]]:
-                st = {p: localfs.lstat(self.root, p) for p in todo}
+                st = localfs.lstat_many(self.root, todo)
                 found: set[str] = set()
                 for p, fs in st.items():
                     rec = recs.get(p)

@@ -149,3 +149,30 @@ def test_copy_ranges_refuses_a_source_that_changed_since_indexed(tmp_path) -> No
         assert not localfs.copy_ranges(str(tmp_path), "f", _sig(tmp_path / "f"), fd, [(9000, 0, 2000)])
     finally:
         os.close(fd)
+
+
+def test_lstat_many_agrees_with_lstat(tmp_path: Path) -> None:
+    """Every kind of path, grouped by parent or alone: the same answer as one `lstat` per path, and a
+    symlinked parent is never followed."""
+    root = tmp_path / "vol"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "a").write_text("a")
+    (root / "d" / "b").write_text("bb")
+    (root / "d" / "sub" / "c").write_text("c")
+    (root / "top").write_text("t")
+    os.symlink("top", root / "d" / "link")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    os.symlink(outside, root / "evil")
+    rels = ["d/a", "d/b", "d/missing", "d/sub", "d/sub/c", "d/link", "top", "top/under", "evil/secret",
+            "gone/x", "../escape", "d//double", "d/" + "n" * 300]
+    many = localfs.lstat_many(str(root), rels)
+    assert set(many) == set(rels)
+    for rel in rels:
+        assert many[rel] == localfs.lstat(str(root), rel), rel
+    assert many["d/a"] is not None and many["d/a"].size == 1
+    assert many["d/sub"] is not None and many["d/sub"].kind == "dir"
+    assert many["d/link"] is not None and many["d/link"].kind == "symlink"
+    assert many["evil/secret"] is None  # behind a symlinked parent
+    assert many["../escape"] is None and many["d/missing"] is None and many["top/under"] is None
