@@ -147,6 +147,7 @@ class Committer(Stage):
         displaced: list[tuple[Pending, int]] = []
 
         kept: list[Version] = []
+        renamed: list[str] = []
 
         def rename_all() -> list[FileRecord]:
             recs = []
@@ -168,13 +169,21 @@ class Committer(Stage):
                 if keep_as and it.fs is not None and os.path.lexists(keep_as):
                     kept.append(Version(vid, it.rel, time.time(), it.fs.size, it.rec.digest if it.rec else "",
                                         "replaced", it.m.origin))
+                renamed.append(it.rel)
                 if old_fd >= 0:
                     displaced.append((it, old_fd))
                 it.rec = record_of(self.name, it.rel, it.m, fs, it.rev)
                 recs.append(it.rec)
             return recs
 
-        self.state.put_files(await asyncio.to_thread(rename_all))
+        try:
+            self.state.put_files(await asyncio.to_thread(rename_all))
+        except Exception:
+            # Renamed into place but not recorded: the watcher does not report the daemon's own renames
+            # (see watcher._moved), so the publisher is told to look at them again, as a local change.
+            self.vol.dirty.update(renamed)
+            self.vol.kick.set()
+            raise
         if kept:
             self.vol.keeper.versions_kept(kept)
         for it, old_fd in displaced:

@@ -92,13 +92,15 @@ class Keeper(Stage):
             raise KeyError(f"no kept version {missing[0]} of volume {self.name} on this node")
         target = validate_relpath(to) if to else ""
         restored: list[dict[str, Any]] = []
-        for vid in ids:
-            v = have[vid]
-            rel = target or v.path
-            await asyncio.to_thread(localfs.restore_copy, self.root, rel, os.path.join(self.versions_dir, vid))
-            self.vol.dirty.add(rel)
-            restored.append({"id": vid, "path": rel, "from": v.path, "at": v.at, "size": v.size})
-        self.vol.kick.set()
+        try:
+            for vid in ids:
+                v = have[vid]
+                rel = target or v.path
+                await asyncio.to_thread(localfs.restore_copy, self.root, rel, os.path.join(self.versions_dir, vid))
+                self.vol.dirty.add(rel)
+                restored.append({"id": vid, "path": rel, "from": v.path, "at": v.at, "size": v.size})
+        finally:
+            self.vol.kick.set()  # what was restored before a failure is published all the same
         log.warning("volume %s: %d kept version(s) restored (%s)", self.name, len(restored),
                     ", ".join(r["path"] for r in restored[:5]), extra={"volume": self.name})
         return {"volume": self.name, "node": self.ctx.node_id, "restored": restored}
