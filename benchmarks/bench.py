@@ -170,10 +170,8 @@ def measure_limit(s: System, sizes: list[int]) -> float:
     create files of these sizes on the same disk, next to its copy, and make them durable: each file
     of 1 MiB or more with its own fdatasync, the small ones with one syncfs for the lot (what a
     receiver does for a batch; an fdatasync per 4 KiB file would time the journal, not the disk).
-    The data is random (an 8 MiB buffer written again and again); nothing is read or hashed. The
-    better of two tries."""
+    The data is random (an 8 MiB buffer written again and again); nothing is read or hashed."""
     buf = os.urandom(8 << 20)
-    scratch = [d.parent / f".limit-{uuid.uuid4().hex[:6]}" for d in s.dirs[1:]]
 
     def one(root: Path) -> None:
         root.mkdir()
@@ -196,13 +194,22 @@ def measure_limit(s: System, sizes: list[int]) -> float:
         if small:
             syncfs(str(root))
 
+    return on_every_receiver(s, lambda root: root, one)
+
+
+def on_every_receiver(s: System, prepare: Callable[[Path], Any], work: Callable[[Any], None]) -> float:
+    """Seconds for `work` to run on every receiver at once (one thread each, as their daemons would), in
+    a scratch directory beside its volume on the same disk, given what `prepare` made there first (not
+    timed). The better of two tries: the machine is shared, its limit is what it can do."""
     best = float("inf")
-    for _ in range(2):  # the better of two: the machine is shared, its limit is what it can do
-        os.sync()  # what the workload (or the last try) left dirty is not charged to the limit
-        t0 = time.monotonic()
+    for _ in range(2):
+        scratch = [d.parent / f".limit-{uuid.uuid4().hex[:6]}" for d in s.dirs[1:]]
         try:
+            made = [prepare(root) for root in scratch]
+            os.sync()  # what the workload (or the last try) left dirty is not charged to the limit
+            t0 = time.monotonic()
             with ThreadPoolExecutor(len(scratch)) as ex:
-                list(ex.map(one, scratch))
+                list(ex.map(work, made))
             best = min(best, time.monotonic() - t0)
         finally:
             for d in scratch:
@@ -211,35 +218,23 @@ def measure_limit(s: System, sizes: list[int]) -> float:
 
 
 def measure_unlink_limit(s: System, n: int) -> float:
-    """Seconds for every receiver (at once, one thread each) to delete `n` files in 100 directories on
-    the same disk and make that durable with one syncfs: the machine's limit for a batch of deletions.
-    The files are made beforehand (not timed). The better of two tries."""
-    best = float("inf")
-    for _ in range(2):
-        scratch = [d.parent / f".limit-{uuid.uuid4().hex[:6]}" for d in s.dirs[1:]]
-        try:
-            paths = []
-            for root in scratch:
-                for i in range(100):
-                    (root / f"d{i}").mkdir(parents=True)
-                paths.append([root / f"d{i % 100}" / f"f{i}" for i in range(n)])
-                for p in paths[-1]:
-                    p.write_bytes(b"x" * 4096)
-            os.sync()
+    """Seconds for every receiver to delete `n` files of 4 KiB in 100 directories and make that durable
+    with one syncfs: the machine's limit for a batch of deletions."""
 
-            def one(files: list[Path]) -> None:
-                for p in files:
-                    os.unlink(p)
-                syncfs(str(files[0].parent.parent))
+    def prepare(root: Path) -> list[Path]:
+        for i in range(100):
+            (root / f"d{i}").mkdir(parents=True)
+        files = [root / f"d{i % 100}" / f"f{i}" for i in range(n)]
+        for p in files:
+            p.write_bytes(b"x" * 4096)
+        return files
 
-            t0 = time.monotonic()
-            with ThreadPoolExecutor(len(scratch)) as ex:
-                list(ex.map(one, paths))
-            best = min(best, time.monotonic() - t0)
-        finally:
-            for d in scratch:
-                shutil.rmtree(d, ignore_errors=True)
-    return best
+    def unlink_all(files: list[Path]) -> None:
+        for p in files:
+            os.unlink(p)
+        syncfs(str(files[0].parent.parent))
+
+    return on_every_receiver(s, prepare, unlink_all)
 
 
 def sizes_under(root: Path, *subs: str) -> list[int]:
