@@ -73,7 +73,9 @@ class FileStat:
 
 
 def lstat(root: str, rel: str) -> FileStat | None:
-    """lstat of root/rel without following a symlinked parent; None when absent or unreachable safely."""
+    """lstat of root/rel without following a symlinked parent; None when absent or unreachable safely.
+    Kept apart from `lstat_many` (whose per-path validation would come on top of the walk's): one file's
+    describe calls it on the publish path."""
     try:
         dfd = open_parent_dir(root, rel, create=False)
     except (FileNotFoundError, NotADirectoryError, PathError):

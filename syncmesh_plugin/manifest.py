@@ -68,12 +68,10 @@ class Manifest:
             d.update(m=self.mode, u=self.uid, g=self.gid)
         if self.kind == "file":
             d.update(s=self.size, t=self.mtime_ns, d=self.digest)
-            if self.inline is not None:
-                pass  # appended below
-            elif self.blob:
+            if self.inline is None and self.blob:
                 d["b"], d["bd"] = self.blob, self.blob_digest
-            else:
-                d["c"] = self.chunks
+            elif self.inline is None:
+                d["c"] = self.chunks  # (inline data is appended below)
         elif self.kind == "symlink":
             d["l"] = self.target
         if self.renamed_from:

@@ -365,8 +365,12 @@ class VolumeWatcher:
         self._schedule_flush()
         self._schedule_stale()
 
+    @staticmethod
+    def _own_tmp(rel: str) -> bool:
+        return rel.rpartition("/")[2].startswith(TMP_PREFIX)
+
     def _skip(self, rel: str) -> bool:
-        return rel.rpartition("/")[2].startswith(TMP_PREFIX) or self._ignore(rel)
+        return self._own_tmp(rel) or self._ignore(rel)
 
     def _mark(self, rel: str) -> None:
         if self._rescan:
@@ -402,7 +406,7 @@ class VolumeWatcher:
         if old_skip and new_skip:
             return
         if old_skip:
-            if not isdir and old_rel.rpartition("/")[2].startswith(TMP_PREFIX):
+            if not isdir and self._own_tmp(old_rel):
                 # This daemon's own temp file renamed into place (a remote version applied, a version
                 # restored, a conflict copy kept): whoever renamed it recorded it in the index or marked
                 # it dirty, and a write after the rename brings events of its own. Reporting it would

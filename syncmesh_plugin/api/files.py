@@ -121,8 +121,9 @@ async def digests(request: web.Request) -> web.Response:
 
     def check() -> list[list[Any]]:
         out = []
+        stats = localfs.lstat_many(vs.root, [r.path for r in page])
         for r in page:
-            fs = localfs.lstat(vs.root, r.path)
+            fs = stats[r.path]
             if fs is None:
                 out.append([r.path, "missing", "", ""])
                 continue

@@ -51,7 +51,8 @@ class Publisher(Stage):
         held = list(self.vol.guard.held)
         if held:  # paths a peer deleted too, or that are back on disk, are no longer held deletions
             recs = self.state.files_for(self.name, held)
-            back = await asyncio.to_thread(lambda: {p for p in held if localfs.lstat(self.root, p) is not None})
+            stats = await asyncio.to_thread(localfs.lstat_many, self.root, held)
+            back = {p for p, fs in stats.items() if fs is not None}
             self.vol.guard.forget(p for p in held if p in back or (r := recs.get(p)) is None or r.kind == "deleted")
         review = self.vol.guard.review(time.monotonic(), lambda: self.state.volume_stats(self.name)["files"])
         if review.paused:
