@@ -209,6 +209,14 @@ def test_chunk_list_missing_or_wrong_type(chunks: Any) -> None:
     expect_reject(raw(d), "^chunk list missing or too long$")
 
 
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 57, 58, 59, 60, 4095, INLINE_MAX])
+def test_inline_round_trip_every_padding(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    m = Manifest(kind="file", size=size, digest="0" * 32, inline=data)
+    assert json.loads(m.encode())["i"] == base64.b64encode(data).decode()  # the standard alphabet on the wire
+    assert decode(m.encode()).inline == data
+
+
 def test_inline_size_mismatch() -> None:
     d = file_dict(s=4, i=base64.b64encode(b"abc").decode())
     del d["c"]
@@ -222,7 +230,9 @@ def test_inline_larger_than_inline_max() -> None:
     expect_reject(raw(d), "inline data does not match the declared size")
 
 
-@pytest.mark.parametrize("inline", ["***", "abc", 5])
+# Strict base64 only: padding inside or missing, whitespace, another alphabet, non-ASCII.
+@pytest.mark.parametrize("inline", ["***", "abc", 5, "YWJj\n", "YW Jj", "YQ==YWI=", "YWJ", "YWI===", "YW-j", "YW_j",
+                                    "\u00e9YWJ", "YWJj\u00e9"])
 def test_inline_not_base64(inline: Any) -> None:
     d = file_dict(s=3, i=inline)
     del d["c"]
