@@ -45,6 +45,7 @@ _DIR_MASK = _BASE_MASK | flags.DONT_FOLLOW
 _ROOT_MASK = _BASE_MASK
 
 _MAX_LATENCY = 0.05  # flush at least this often under a continuous event stream
+READ_SPACING = 0.002  # seconds between two reads of the inotify fd while events keep coming
 _OPEN_WRITE_MAX_AGE = 30.0  # report a file held open and written continuously at least this often
 _STALE_CHECK_MIN_INTERVAL = 0.05
 #: Paths remembered between two flushes. Past this (a big tree moved in, a burst of writes) the
@@ -126,6 +127,7 @@ class InotifyHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owners: dict[int, VolumeWatcher] = {}  # wd -> the watcher that added it
         self._watchers: set[VolumeWatcher] = set()
+        self._last_read = float("-inf")  # loop time of the last read of the fd
 
     @property
     def instances(self) -> int:
@@ -166,10 +168,29 @@ class InotifyHub:
             pass  # already gone (dir deleted, IN_IGNORED pending)
 
     def _on_readable(self) -> None:
-        if self._ino is None:
+        """Read at once after a quiet spell; under a stream of events, at most one read per
+        READ_SPACING: the events of that time come in one batch instead of one wake-up for each."""
+        ino, loop = self._ino, self._loop
+        if ino is None or loop is None:
             return
+        due = self._last_read + READ_SPACING
+        if loop.time() >= due:
+            self._read(ino, loop)
+            return
+        loop.remove_reader(ino.fileno())
+        loop.call_at(due, self._read_later, ino)
+
+    def _read_later(self, ino: INotify) -> None:
+        current, loop = self._ino, self._loop
+        if current is None or current is not ino or loop is None:
+            return  # the last watcher detached meanwhile (and a new fd may be open)
+        loop.add_reader(current.fileno(), self._on_readable)
+        self._read(current, loop)
+
+    def _read(self, ino: INotify, loop: asyncio.AbstractEventLoop) -> None:
+        self._last_read = loop.time()
         try:
-            events = self._ino.read(timeout=0)
+            events = ino.read(timeout=0)
         except OSError:
             log.exception("reading the inotify fd failed")
             return

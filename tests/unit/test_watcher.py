@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import pytest_asyncio
 from inotify_simple import Event, flags
 
-from syncmesh_plugin.watcher import Changes, InotifyHub, VolumeWatcher, WatchLimitError
+from syncmesh_plugin.watcher import READ_SPACING, Changes, InotifyHub, VolumeWatcher, WatchLimitError
 
 
 class Collector:
@@ -401,3 +402,95 @@ async def test_a_queue_overflow_reaches_every_volume_of_the_hub(tmp_path: Path) 
     finally:
         for w in watchers:
             w.stop()
+
+
+def _count_reads(hub: InotifyHub) -> list[tuple[float, str]]:
+    """Record the loop time of every read of the hub's fd, and whether it came from a timer."""
+    reads: list[tuple[float, str]] = []
+    read, read_later = hub._read, hub._read_later
+
+    def counted_read(ino: inotify_simple.INotify, loop: asyncio.AbstractEventLoop) -> None:
+        reads.append((loop.time(), "timer" if timed else "at once"))
+        read(ino, loop)
+
+    timed = False
+
+    def counted_later(ino: inotify_simple.INotify) -> None:
+        nonlocal timed
+        timed = True
+        try:
+            read_later(ino)
+        finally:
+            timed = False
+
+    hub._read = counted_read  # type: ignore[method-assign]
+    hub._read_later = counted_later  # type: ignore[method-assign]
+    return reads
+
+
+async def test_a_stream_of_events_is_read_in_batches_spaced_apart(tmp_path: Path) -> None:
+    """One read per READ_SPACING while events keep coming (a receiver's own staging makes eight events
+    per file, each read alone before), and every file still reported."""
+    hub = InotifyHub()
+    (tmp_path / "v").mkdir()
+    col = Collector()
+    w = VolumeWatcher(str(tmp_path / "v"), col, hub=hub)
+    w.start()
+    reads = _count_reads(hub)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(300):
+            (tmp_path / "v" / f"f{i}").write_bytes(b"x")
+            await asyncio.sleep(0.0002)
+        elapsed = loop.time() - t0
+        await col.wait(lambda: all(f"f{i}" in col.paths for i in range(300)))
+        times = [t for t, _ in reads]
+        assert all(b - a >= READ_SPACING * 0.999 for a, b in itertools.pairwise(times))
+        assert len(reads) <= (loop.time() - t0) / READ_SPACING + 1
+        assert any(how == "timer" for _, how in reads)  # the stream was read by the timer, not per event
+        assert elapsed / READ_SPACING < 300  # the stream was dense enough to need spacing at all
+    finally:
+        w.stop()
+
+
+async def test_the_first_event_after_a_quiet_spell_is_read_at_once(tmp_path: Path) -> None:
+    hub = InotifyHub()
+    (tmp_path / "v").mkdir()
+    col = Collector()
+    w = VolumeWatcher(str(tmp_path / "v"), col, hub=hub)
+    w.start()
+    reads = _count_reads(hub)
+    try:
+        await asyncio.sleep(READ_SPACING * 2)
+        (tmp_path / "v" / "one").write_bytes(b"x")
+        await col.wait(lambda: "one" in col.paths)
+        assert reads[0][1] == "at once"
+    finally:
+        w.stop()
+
+
+async def test_the_last_volume_leaving_while_a_read_is_due_leaves_no_reader(tmp_path: Path) -> None:
+    """A timed read due after the fd was closed does nothing; a new fd for the next volume works."""
+    hub = InotifyHub()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    col = Collector()
+    w = VolumeWatcher(str(tmp_path / "a"), col, hub=hub)
+    w.start()
+    (tmp_path / "a" / "one").write_bytes(b"x")
+    await col.wait(lambda: "one" in col.paths)
+    (tmp_path / "a" / "two").write_bytes(b"x")  # read soon after the last one: goes to the timer
+    for _ in range(3):
+        await asyncio.sleep(0)
+    w.stop()
+    assert hub.instances == 0
+    await asyncio.sleep(READ_SPACING * 2)  # the timer fired on the closed fd
+    col2 = Collector()
+    w2 = VolumeWatcher(str(tmp_path / "b"), col2, hub=hub)
+    w2.start()
+    try:
+        (tmp_path / "b" / "three").write_bytes(b"x")
+        await col2.wait(lambda: "three" in col2.paths)
+    finally:
+        w2.stop()
