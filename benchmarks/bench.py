@@ -108,6 +108,7 @@ def wait_converged(sysm: System, t0: float, timeout: float, poll: float = 0.02) 
     ref: dict[str, tuple[Any, ...]] = {}
     behind: list[set[str]] | None = None  # per receiver: the paths that differed at the last look
     while time.monotonic() < deadline:
+        sigs: list[dict[str, tuple[Any, ...]]] = []  # whole trees, when this poll walked them
         if behind is None:
             sigs = [signature(d) for d in sysm.dirs]
             ref = sigs[0]
@@ -117,7 +118,7 @@ def wait_converged(sysm: System, t0: float, timeout: float, poll: float = 0.02) 
                                                                                            strict=True)]
         if not any(behind):
             t = time.monotonic() - t0
-            sigs = [signature(d) for d in sysm.dirs]
+            sigs = sigs or [signature(d) for d in sysm.dirs]  # not walked twice in one poll
             if all(s == sigs[0] for s in sigs[1:]):
                 ds = [digests(d) for d in sysm.dirs]
                 if all(x == ds[0] for x in ds[1:]):

@@ -408,12 +408,11 @@ def _count_reads(hub: InotifyHub) -> list[tuple[float, str]]:
     """Record the loop time of every read of the hub's fd, and whether it came from a timer."""
     reads: list[tuple[float, str]] = []
     read, read_later = hub._read, hub._read_later
+    timed = False
 
     def counted_read(ino: inotify_simple.INotify, loop: asyncio.AbstractEventLoop) -> None:
         reads.append((loop.time(), "timer" if timed else "at once"))
         read(ino, loop)
-
-    timed = False
 
     def counted_later(ino: inotify_simple.INotify) -> None:
         nonlocal timed
@@ -428,15 +427,20 @@ def _count_reads(hub: InotifyHub) -> list[tuple[float, str]]:
     return reads
 
 
+def _counted_watcher(root: Path) -> tuple[VolumeWatcher, Collector, list[tuple[float, str]]]:
+    """A started watcher of `root` on a hub of its own whose reads are recorded (see _count_reads)."""
+    hub = InotifyHub()
+    root.mkdir()
+    col = Collector()
+    w = VolumeWatcher(str(root), col, hub=hub)
+    w.start()
+    return w, col, _count_reads(hub)
+
+
 async def test_a_stream_of_events_is_read_in_batches_spaced_apart(tmp_path: Path) -> None:
     """One read per READ_SPACING while events keep coming (a receiver's own staging makes eight events
     per file, each read alone before), and every file still reported."""
-    hub = InotifyHub()
-    (tmp_path / "v").mkdir()
-    col = Collector()
-    w = VolumeWatcher(str(tmp_path / "v"), col, hub=hub)
-    w.start()
-    reads = _count_reads(hub)
+    w, col, reads = _counted_watcher(tmp_path / "v")
     try:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -455,12 +459,7 @@ async def test_a_stream_of_events_is_read_in_batches_spaced_apart(tmp_path: Path
 
 
 async def test_the_first_event_after_a_quiet_spell_is_read_at_once(tmp_path: Path) -> None:
-    hub = InotifyHub()
-    (tmp_path / "v").mkdir()
-    col = Collector()
-    w = VolumeWatcher(str(tmp_path / "v"), col, hub=hub)
-    w.start()
-    reads = _count_reads(hub)
+    w, col, reads = _counted_watcher(tmp_path / "v")
     try:
         await asyncio.sleep(READ_SPACING * 2)
         (tmp_path / "v" / "one").write_bytes(b"x")
